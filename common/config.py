@@ -45,8 +45,8 @@ class EnvConfig:
     )
     sticky_actions: float = _f(
         -1.0,
-        "repeat-action probability; -1 keeps the id's own (0.25 for ALE/*-v5, "
-        "0 for *NoFrameskip-v4 and bare names) [Machado et al. 2018]",
+        "repeat-action probability; -1 keeps the id's own (0.25 for ALE/*-v5 and "
+        "bare names, 0 for *NoFrameskip-v4) [Machado et al. 2018]",
     )
     full_action_space: bool = _f(False, "use all 18 Atari actions instead of the game's minimal set")
     episodic_life: bool = _f(False, "end training episodes on life loss (DQN 2015 trick; off per Machado)")
