@@ -48,9 +48,15 @@ class EnvConfig:
         "repeat-action probability; -1 keeps the id's own (0.25 for ALE/*-v5 and "
         "bare names, 0 for *NoFrameskip-v4) [Machado et al. 2018]",
     )
-    full_action_space: bool = _f(False, "use all 18 Atari actions instead of the game's minimal set")
-    episodic_life: bool = _f(False, "end training episodes on life loss (DQN 2015 trick; off per Machado)")
-    max_episode_frames: int = _f(108_000, "emulator frames per episode cap (30 min of play, standard)")
+    full_action_space: bool = _f(
+        False, "use all 18 Atari actions instead of the game's minimal set"
+    )
+    episodic_life: bool = _f(
+        False, "end training episodes on life loss (DQN 2015 trick; off per Machado)"
+    )
+    max_episode_frames: int = _f(
+        108_000, "emulator frames per episode cap (30 min of play, standard)"
+    )
     noop_max: int = _f(30, "up to this many no-op actions at reset (DQN evaluation protocol)")
     clip_rewards: bool = _f(True, "train on sign(reward); raw scores are still logged")
 
@@ -65,7 +71,11 @@ class ReplayConfig:
     shards: int = _f(1, "replay shards (one redis-server each) when --redis-url is empty")
     capacity: int = _f(1_000_000, "replay capacity in transitions, all shards together (Ape-X: 2M)")
     min_replay: int = _f(20_000, "transitions stored before learning starts")
-    codec: str = _f("lz4", "frame compression: fastest decode per byte saved on Atari frames", ("lz4", "zstd", "zstd-dict", "none"))
+    codec: str = _f(
+        "lz4",
+        "frame compression: fastest decode per byte saved on Atari frames",
+        ("lz4", "zstd", "zstd-dict", "none"),
+    )
     alpha: float = _f(0.6, "priority exponent (Schaul et al. 2016, Ape-X)")
     beta: float = _f(0.4, "importance-weight exponent at start, annealed to 1 (Ape-X)")
     beta_anneal_updates: int = _f(1_000_000, "learner updates over which beta reaches 1")
@@ -80,7 +90,9 @@ class ReplayConfig:
 
 @dataclass
 class ActorConfig:
-    actors: int = _f(default_actors, "actor processes (1 CPU each); default: CPUs minus one, at least 1")
+    actors: int = _f(
+        default_actors, "actor processes (1 CPU each); default: CPUs minus one, at least 1"
+    )
     envs_per_actor: int = _f(16, "environments stepped together by one actor (batched inference)")
     n_step: int = _f(3, "n-step return length (Ape-X: 3)")
     gamma: float = _f(0.99, "discount factor")
@@ -94,10 +106,16 @@ class ActorConfig:
     eps_alpha: float = _f(7.0, "Ape-X epsilon exponent spread")
     eps_start: float = _f(1.0, "decaying schedule: start epsilon")
     eps_end: float = _f(0.01, "decaying schedule: final epsilon")
-    eps_decay_frames: int = _f(1_000_000, "decaying schedule: env frames (per actor) to reach eps_end")
+    eps_decay_frames: int = _f(
+        1_000_000, "decaying schedule: env frames (per actor) to reach eps_end"
+    )
     push_every: int = _f(25, "vector steps between pushes to the replay (one round trip each)")
-    weight_poll_steps: int = _f(100, "vector steps between checks for newer weights (Ape-X: 400 frames)")
-    local_buffer: int = _f(50_000, "transitions buffered while the replay is unreachable (oldest dropped)")
+    weight_poll_steps: int = _f(
+        100, "vector steps between checks for newer weights (Ape-X: 400 frames)"
+    )
+    local_buffer: int = _f(
+        50_000, "transitions buffered while the replay is unreachable (oldest dropped)"
+    )
 
 
 @dataclass
@@ -120,10 +138,14 @@ class LearnerConfig:
 class RunConfig:
     logdir: str = _f("", "checkpoints, TensorBoard logs and redis data; default runs/<game>-<time>")
     max_seconds: float = _f(0.0, "stop after this many seconds; 0 = no limit")
-    max_frames: int = _f(0, "stop after this many env frames (emulator frames, skip counted); 0 = no limit")
+    max_frames: int = _f(
+        0, "stop after this many env frames (emulator frames, skip counted); 0 = no limit"
+    )
     resume: str = _f("", "checkpoint file to continue from (counters, optimizer and schedules)")
     summary_json: str = _f("", "write a JSON summary of the run here at exit")
-    ray_address: str = _f("", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray")
+    ray_address: str = _f(
+        "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
+    )
     log_every: float = _f(10.0, "seconds between console progress lines")
     seed: int = _f(0, "base random seed")
 
@@ -151,7 +173,9 @@ class Config:
         """Build from ``{section: {field: value}}``; unknown keys are errors."""
         cfg = cls()
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(
+                f"{source}: expected a mapping of sections, got {type(data).__name__}"
+            )
         for section, values in data.items():
             if section not in SECTIONS:
                 raise ConfigError(
@@ -195,7 +219,10 @@ class Config:
         """Raise `ConfigError` naming the first bad value; return self when fine."""
         e, r, a, learner, run = self.env, self.replay, self.actor, self.learner, self.run
         checks: list[tuple[bool, str]] = [
-            (e.sticky_actions == -1.0 or 0.0 <= e.sticky_actions <= 1.0, f"sticky_actions={e.sticky_actions} must be in [0, 1] (or -1 for the id's default)"),
+            (
+                e.sticky_actions == -1.0 or 0.0 <= e.sticky_actions <= 1.0,
+                f"sticky_actions={e.sticky_actions} must be in [0, 1] (or -1 for the id's default)",
+            ),
             (e.max_episode_frames > 0, f"max_episode_frames={e.max_episode_frames} must be > 0"),
             (e.noop_max >= 0, f"noop_max={e.noop_max} must be >= 0"),
             (a.actors >= 1, f"actors={a.actors} must be >= 1"),
@@ -204,7 +231,10 @@ class Config:
             (0.0 < a.gamma <= 1.0, f"gamma={a.gamma} must be in (0, 1]"),
             (0.0 < a.eps_base < 1.0, f"eps_base={a.eps_base} must be in (0, 1)"),
             (a.eps_alpha >= 0.0, f"eps_alpha={a.eps_alpha} must be >= 0"),
-            (0.0 <= a.eps_end <= a.eps_start <= 1.0, f"need 0 <= eps_end ({a.eps_end}) <= eps_start ({a.eps_start}) <= 1"),
+            (
+                0.0 <= a.eps_end <= a.eps_start <= 1.0,
+                f"need 0 <= eps_end ({a.eps_end}) <= eps_start ({a.eps_start}) <= 1",
+            ),
             (a.eps_decay_frames >= 1, f"eps_decay_frames={a.eps_decay_frames} must be >= 1"),
             (a.push_every >= 1, f"push_every={a.push_every} must be >= 1"),
             (a.weight_poll_steps >= 1, f"weight_poll_steps={a.weight_poll_steps} must be >= 1"),
@@ -212,19 +242,34 @@ class Config:
             (r.shards >= 1, f"shards={r.shards} must be >= 1"),
             (r.capacity >= 1, f"capacity={r.capacity} must be >= 1"),
             (r.min_replay >= 1, f"min_replay={r.min_replay} must be >= 1"),
-            (r.min_replay <= r.capacity, f"min_replay={r.min_replay} must not exceed capacity={r.capacity}"),
+            (
+                r.min_replay <= r.capacity,
+                f"min_replay={r.min_replay} must not exceed capacity={r.capacity}",
+            ),
             (0.0 <= r.alpha <= 1.0, f"alpha={r.alpha} must be in [0, 1]"),
             (0.0 <= r.beta <= 1.0, f"beta={r.beta} must be in [0, 1]"),
-            (r.beta_anneal_updates >= 1, f"beta_anneal_updates={r.beta_anneal_updates} must be >= 1"),
-            (r.samples_per_insert >= 0.0, f"samples_per_insert={r.samples_per_insert} must be >= 0 (0 = unlimited)"),
+            (
+                r.beta_anneal_updates >= 1,
+                f"beta_anneal_updates={r.beta_anneal_updates} must be >= 1",
+            ),
+            (
+                r.samples_per_insert >= 0.0,
+                f"samples_per_insert={r.samples_per_insert} must be >= 0 (0 = unlimited)",
+            ),
             (r.loader_workers >= 1, f"loader_workers={r.loader_workers} must be >= 1"),
             (r.prefetch >= 1, f"prefetch={r.prefetch} must be >= 1"),
             (learner.batch_size >= 0, f"batch_size={learner.batch_size} must be >= 1 (0 = auto)"),
             (learner.lr >= 0.0, f"lr={learner.lr} must be > 0 (0 = the optimizer's default)"),
             (learner.target_update >= 1, f"target_update={learner.target_update} must be >= 1"),
             (learner.grad_clip > 0.0, f"grad_clip={learner.grad_clip} must be > 0"),
-            (learner.publish_seconds > 0.0, f"publish_seconds={learner.publish_seconds} must be > 0"),
-            (learner.checkpoint_minutes > 0.0, f"checkpoint_minutes={learner.checkpoint_minutes} must be > 0"),
+            (
+                learner.publish_seconds > 0.0,
+                f"publish_seconds={learner.publish_seconds} must be > 0",
+            ),
+            (
+                learner.checkpoint_minutes > 0.0,
+                f"checkpoint_minutes={learner.checkpoint_minutes} must be > 0",
+            ),
             (learner.torch_threads >= 0, f"torch_threads={learner.torch_threads} must be >= 0"),
             (run.max_seconds >= 0.0, f"max_seconds={run.max_seconds} must be >= 0"),
             (run.max_frames >= 0, f"max_frames={run.max_frames} must be >= 0"),
@@ -237,19 +282,33 @@ class Config:
             choices = f.metadata.get("choices")
             value = getattr(getattr(self, section), f.name)
             if choices and value not in choices:
-                raise ConfigError(f"bad config value: {f.name}={value!r}; choose one of {', '.join(choices)}")
+                raise ConfigError(
+                    f"bad config value: {f.name}={value!r}; choose one of {', '.join(choices)}"
+                )
         batch = self.batch_size("cpu")
         if r.capacity < batch:
-            raise ConfigError(f"bad config value: capacity={r.capacity} is below the batch size {batch}; raise --capacity")
+            raise ConfigError(
+                f"bad config value: capacity={r.capacity} is below the batch size {batch}; raise --capacity"
+            )
         if r.min_replay < batch:
-            raise ConfigError(f"bad config value: min_replay={r.min_replay} is below the batch size {batch}; raise --min-replay")
+            raise ConfigError(
+                f"bad config value: min_replay={r.min_replay} is below the batch size {batch}; raise --min-replay"
+            )
         if r.capacity < self.num_shards():
-            raise ConfigError(f"bad config value: capacity={r.capacity} is below the number of shards")
-        if not learner.device == "auto" and not (learner.device == "cpu" or learner.device.startswith("cuda")):
-            raise ConfigError(f"bad config value: device={learner.device!r}; use auto, cpu, cuda or cuda:N")
+            raise ConfigError(
+                f"bad config value: capacity={r.capacity} is below the number of shards"
+            )
+        if not learner.device == "auto" and not (
+            learner.device == "cpu" or learner.device.startswith("cuda")
+        ):
+            raise ConfigError(
+                f"bad config value: device={learner.device!r}; use auto, cpu, cuda or cuda:N"
+            )
         for url in self.redis_urls():
             if not url.startswith(("redis://", "rediss://", "unix://")):
-                raise ConfigError(f"bad config value: redis_url {url!r} must start with redis://, rediss:// or unix://")
+                raise ConfigError(
+                    f"bad config value: redis_url {url!r} must start with redis://, rediss:// or unix://"
+                )
         return self
 
     def batch_size(self, device_type: str) -> int:
@@ -337,4 +396,3 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def _suggest(name: str, options: Any) -> str:
     close = difflib.get_close_matches(name, list(options), n=3)
     return f" (did you mean {', '.join(close)}?)" if close else ""
-

@@ -147,7 +147,9 @@ class FrameEnv:
     ignored and ``frames[i]`` is a new episode's first frame. Not thread-safe.
     """
 
-    def __init__(self, spec: EnvSpec, cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 1):
+    def __init__(
+        self, spec: EnvSpec, cfg: EnvConfig, num_envs: int, seed: int, num_threads: int = 1
+    ):
         self.spec = spec
         self.num_envs = num_envs
         self._seed = seed

@@ -33,7 +33,9 @@ class QNetwork(nn.Module):
                 nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, num_actions)
             )
         else:
-            self.head = nn.Sequential(nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, num_actions))
+            self.head = nn.Sequential(
+                nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, num_actions)
+            )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs
@@ -62,5 +64,7 @@ def load_numpy_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None
         for k, v in state.items():
             src = torch.from_numpy(np.asarray(weights[k]))
             if tuple(src.shape) != tuple(v.shape):
-                raise ValueError(f"weights do not fit this network: {k} is {tuple(src.shape)}, expected {tuple(v.shape)}")
+                raise ValueError(
+                    f"weights do not fit this network: {k} is {tuple(src.shape)}, expected {tuple(v.shape)}"
+                )
             v.copy_(src)

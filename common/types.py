@@ -63,10 +63,7 @@ class TransitionBatch:
     @classmethod
     def concat(cls, batches: list[TransitionBatch]) -> TransitionBatch:
         return cls(
-            **{
-                f.name: np.concatenate([getattr(b, f.name) for b in batches])
-                for f in fields(cls)
-            }
+            **{f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)}
         )
 
 
@@ -106,9 +103,5 @@ class SampleBatch:
 
 def _check(arr: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> None:
     if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.shape != shape:
-        got = (
-            f"{arr.dtype}{list(arr.shape)}"
-            if isinstance(arr, np.ndarray)
-            else type(arr).__name__
-        )
+        got = f"{arr.dtype}{list(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
         raise ValueError(f"{name}: expected {np.dtype(dtype)}{list(shape)}, got {got}")

@@ -1,0 +1,161 @@
+"""The ``apex-dqn`` command line: ``train`` and ``evaluate``.
+
+Every `common.config` field is a ``train`` flag (``envs_per_actor`` ->
+``--envs-per-actor``). Precedence: defaults < ``--config FILE`` < flags.
+Errors in user input exit with status 2 and one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from common.config import Config, ConfigError, field_type, iter_fields
+
+EXIT_USAGE = 2
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = Config()
+    titles = {
+        "env": "environment",
+        "replay": "replay (Redis)",
+        "actor": "actors",
+        "learner": "learner",
+        "run": "run",
+    }
+    groups = {s: parser.add_argument_group(t) for s, t in titles.items()}
+    for section, f in iter_fields():
+        typ = field_type(section, f.name)
+        default = getattr(getattr(defaults, section), f.name)
+        help_text = f.metadata["help"]
+        if typ is bool:
+            groups[section].add_argument(
+                _flag(f.name),
+                dest=f"{section}.{f.name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {default})",
+            )
+            continue
+        shown = "" if default == "" else f" (default: {default})"
+        groups[section].add_argument(
+            _flag(f.name),
+            dest=f"{section}.{f.name}",
+            type=typ,
+            default=None,
+            choices=f.metadata.get("choices"),
+            metavar=f.name.upper(),
+            help=f"{help_text}{shown}",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apex-dqn",
+        description="Distributed Ape-X DQN for Atari: Ray actors push compressed frames "
+        "into a Redis replay, one PyTorch learner trains and broadcasts weights.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="train an agent (default: Pong on local Ray with an embedded redis-server)",
+        description="Train an agent. With no flags: ALE/Pong-v5, local Ray, embedded "
+        "redis-server, CUDA if available. Flags override --config FILE (TOML/YAML, "
+        "sections [env] [replay] [actor] [learner] [run] holding the same names "
+        "with underscores). Ctrl-C stops cleanly and writes a final checkpoint.",
+    )
+    train.add_argument("--config", metavar="FILE", help="TOML or YAML config file")
+    _add_config_flags(train)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="play a checkpoint, print raw scores, write MP4 videos",
+        description="Play a checkpoint under the standard protocol (up to 30 no-op "
+        "starts, 108,000-frame cap) with a small epsilon; print each episode's raw "
+        "score, the mean/median/max and the human-normalized score.",
+    )
+    ev.add_argument("checkpoint", help="checkpoint file written by 'apex-dqn train'")
+    ev.add_argument("--episodes", type=int, default=10, help="episodes to play (default: 10)")
+    ev.add_argument(
+        "--epsilon", type=float, default=0.001, help="exploration rate (default: 0.001)"
+    )
+    ev.add_argument("--video-dir", metavar="DIR", help="write one MP4 per episode here")
+    ev.add_argument("--env", help="play another id of the same game (e.g. PongNoFrameskip-v4)")
+    ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ev.add_argument("--json", metavar="PATH", help="also write the scores as JSON here")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            overrides.setdefault(section, {})[name] = value
+    for section, values in overrides.items():
+        cfg.update(section, values, source="flags")
+    return cfg.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "train":
+            cfg = config_from_args(args)
+            from deploy.launcher import LaunchError, train
+
+            try:
+                train(cfg)
+            except LaunchError as exc:
+                print(f"apex-dqn train: error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            return 0
+        if args.command == "evaluate":
+            return _evaluate(args)
+    except ConfigError as exc:
+        print(f"apex-dqn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from learner.checkpoint import CheckpointError
+    from learner.evaluate import evaluate
+
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes={args.episodes} must be >= 1")
+    if not 0.0 <= args.epsilon <= 1.0:
+        raise ConfigError(f"--epsilon={args.epsilon} must be in [0, 1]")
+    try:
+        result = evaluate(
+            args.checkpoint,
+            episodes=args.episodes,
+            epsilon=args.epsilon,
+            video_dir=args.video_dir,
+            env_override=args.env,
+            seed=args.seed,
+        )
+    except CheckpointError as exc:
+        print(f"apex-dqn evaluate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
