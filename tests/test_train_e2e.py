@@ -1,0 +1,166 @@
+"""Whole-pipeline runs through the CLI: real local Ray, embedded redis-server,
+real ALE and CPU torch, each in its own process (as a user runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*argv: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if res.returncode != 0:
+        print(res.stdout[-5000:])
+        print(res.stderr[-5000:])
+    return res
+
+
+def no_stray_processes(logdir: Path) -> list[str]:
+    """Processes still running that belong to this run (redis-server on its data dir, Ray)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(logdir) in line and "ps -eo" not in line]
+
+
+def test_pong_60s_two_actors_then_evaluate(tmp_path):
+    logdir = tmp_path / "pong"
+    summary_path = tmp_path / "summary.json"
+    res = cli(
+        "train",
+        "--env",
+        "PongNoFrameskip-v4",
+        "--actors",
+        "2",
+        "--envs-per-actor",
+        "4",
+        "--max-seconds",
+        "60",
+        "--min-replay",
+        "500",
+        "--batch-size",
+        "32",
+        "--publish-seconds",
+        "1",
+        "--log-every",
+        "5",
+        "--capacity",
+        "50000",
+        "--logdir",
+        str(logdir),
+        "--summary-json",
+        str(summary_path),
+        timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    for key in (
+        "frames",
+        "transitions",
+        "updates",
+        "weight_version",
+        "episodes",
+        "mean_return",
+        "max_return",
+        "frames_per_s",
+        "updates_per_s",
+        "checkpoint",
+    ):
+        assert key in summary
+    assert summary["transitions"] > 1000
+    assert summary["replay_size"] > 500  # transitions reached Redis and were indexed
+    assert summary["updates"] > 10
+    assert summary["weight_version"] >= 2
+    # every actor picked up a published version beyond the initial one
+    assert min(summary["actor_weight_versions"]) >= 1
+    assert Path(summary["checkpoint"]).is_file()
+    # progress lines at least every 10 s
+    progress = [line for line in res.stdout.splitlines() if "frames/s" in line]
+    assert len(progress) >= 5
+    assert not no_stray_processes(logdir)
+
+    videos = tmp_path / "videos"
+    ev = cli(
+        "evaluate",
+        summary["checkpoint"],
+        "--episodes",
+        "1",
+        "--video-dir",
+        str(videos),
+        "--json",
+        str(tmp_path / "eval.json"),
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert len(scores["scores"]) == 1 and -21 <= scores["scores"][0] <= 21
+    assert list(videos.glob("*.mp4"))
+
+
+def test_catch_learns_through_the_distributed_pipeline(tmp_path):
+    """The whole pipeline (Ray actor -> Redis replay -> learner -> weights back)
+    learns Catch: random play averages about -0.6, the trained agent >= 0.8."""
+    logdir = tmp_path / "catch"
+    res = cli(
+        "train",
+        "--env",
+        "ApexCatch-v0",
+        "--actors",
+        "1",
+        "--envs-per-actor",
+        "8",
+        "--max-seconds",
+        "150",
+        "--min-replay",
+        "1000",
+        "--batch-size",
+        "32",
+        "--target-update",
+        "250",
+        "--capacity",
+        "20000",
+        "--samples-per-insert",
+        "4",
+        "--publish-seconds",
+        "0.5",
+        "--log-every",
+        "10",
+        "--logdir",
+        str(logdir),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+        timeout=360,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ev = cli(
+        "evaluate",
+        summary["checkpoint"],
+        "--episodes",
+        "100",
+        "--epsilon",
+        "0.01",
+        "--json",
+        str(tmp_path / "eval.json"),
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert len(scores["scores"]) == 100
+    assert scores["mean"] >= 0.8, (scores["mean"], summary)
