@@ -62,7 +62,7 @@ def load_numpy_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None
         )
     with torch.no_grad():
         for k, v in state.items():
-            src = torch.from_numpy(np.asarray(weights[k]))
+            src = torch.from_numpy(np.array(weights[k], copy=True))  # Ray's arrays are read-only
             if tuple(src.shape) != tuple(v.shape):
                 raise ValueError(
                     f"weights do not fit this network: {k} is {tuple(src.shape)}, expected {tuple(v.shape)}"

@@ -1,0 +1,78 @@
+"""Exploration rates: Ape-X fixed per-env epsilons, or one decaying schedule.
+
+Ape-X (Horgan et al. 2018) gives env ``i`` of the ``N`` envs in the whole run a
+fixed rate ``eps_i = eps_base ** (1 + eps_alpha * i / (N - 1))`` (``N = 1``:
+``eps_base``). Env ``j`` of actor ``a`` with ``E`` envs per actor has the global
+index ``i = a * E + j``, so a restarted actor keeps its rates.
+
+The decaying schedules (``exp``, ``linear``) give every env the same rate, going
+from ``eps_start`` to ``eps_end`` over ``eps_decay_frames`` emulator frames counted
+by this actor (a restarted actor starts its schedule again: the rate is a function
+of frames, not of learner progress).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import ActorConfig
+
+
+def apex_epsilons(
+    eps_base: float, eps_alpha: float, num_total: int, indices: np.ndarray
+) -> np.ndarray:
+    """Ape-X rates for global env ``indices`` (int[k]) out of ``num_total`` -> float64[k]."""
+    indices = np.asarray(indices, dtype=np.float64)
+    if num_total <= 1:
+        return np.full(indices.shape, eps_base, dtype=np.float64)
+    return eps_base ** (1.0 + eps_alpha * indices / (num_total - 1))
+
+
+def decayed_epsilon(kind: str, start: float, end: float, decay_frames: int, frames: int) -> float:
+    """Rate after ``frames`` emulator frames; ``end`` once ``frames >= decay_frames``.
+
+    linear: straight line from start to end.
+    exp:    geometric interpolation ``start * (end/start) ** (frames/decay_frames)``
+            (falls back to linear when ``end`` is 0, which has no logarithm).
+    """
+    frac = min(max(frames, 0) / decay_frames, 1.0)
+    if kind == "linear" or end <= 0.0 or start <= 0.0:
+        return start + (end - start) * frac
+    if kind == "exp":
+        return float(start * (end / start) ** frac)
+    raise ValueError(f"unknown epsilon schedule {kind!r}; choose apex, exp or linear")
+
+
+class Exploration:
+    """Per-env epsilons of one actor: ``epsilons(frames) -> float64[E]``.
+
+    ``frames`` is the actor's emulator-frame count (4 per env step); only the
+    decaying schedules use it.
+    """
+
+    def __init__(self, cfg: ActorConfig, actor_index: int, num_actors: int):
+        if cfg.exploration not in ("apex", "exp", "linear"):
+            raise ValueError(f"exploration={cfg.exploration!r}; choose apex, exp or linear")
+        self.cfg = cfg
+        self.num_envs = cfg.envs_per_actor
+        first = actor_index * self.num_envs
+        self.global_indices = np.arange(first, first + self.num_envs)
+        self._fixed = apex_epsilons(
+            cfg.eps_base, cfg.eps_alpha, num_actors * self.num_envs, self.global_indices
+        )
+
+    def epsilons(self, frames: int = 0) -> np.ndarray:
+        if self.cfg.exploration == "apex":
+            return self._fixed
+        c = self.cfg
+        eps = decayed_epsilon(c.exploration, c.eps_start, c.eps_end, c.eps_decay_frames, frames)
+        return np.full(self.num_envs, eps, dtype=np.float64)
+
+
+def epsilon_greedy(q: np.ndarray, eps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Actions int64[E] from Q-values float32[E, A] and rates float64[E]."""
+    num_envs, num_actions = q.shape
+    greedy = q.argmax(axis=1)
+    explore = rng.random(num_envs) < eps
+    random_actions = rng.integers(0, num_actions, size=num_envs)
+    return np.where(explore, random_actions, greedy).astype(np.int64)
