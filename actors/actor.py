@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Any
 
@@ -63,7 +64,9 @@ def _was_reconstructed() -> bool:
         import ray
 
         if ray.is_initialized():
-            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+            with warnings.catch_warnings():  # Ray 2.60 warns inside its own property
+                warnings.simplefilter("ignore")
+                return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not inside a Ray actor
         pass
     return False

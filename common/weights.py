@@ -52,8 +52,11 @@ class WeightSubscriber:
     ``fetch_local=True``), so env stepping never stalls for it.
     """
 
-    def __init__(self, store_handle: Any):
-        self._store = store_handle
+    def __init__(self, store: Any):
+        """store: a WeightStore actor handle, or the name of one (looked up lazily,
+        so actors take a plain string as constructor argument and a restarted
+        actor finds the store again)."""
+        self._store = store
         self.version = -1
         self._pending_latest: Any = None  # ObjectRef of store.latest(...)
         self._pending_weights: tuple[int, Any] | None = None  # (version, ObjectRef)
@@ -71,6 +74,8 @@ class WeightSubscriber:
             self.version = version
             return version, weights
         if self._pending_latest is None:
+            if isinstance(self._store, str):
+                self._store = ray.get_actor(self._store)
             self._pending_latest = self._store.latest.remote(self.version)
             return None
         ready, _ = ray.wait([self._pending_latest], timeout=0)

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -29,7 +28,15 @@ from common.config import Config
 
 log = logging.getLogger("apex.fleet")
 
-COUNTERS = ("frames", "env_steps", "transitions", "dropped", "push_failures")
+# our counter name -> the actor's stats() key
+COUNTERS = {
+    "frames": "frames",
+    "env_steps": "env_steps",
+    "transitions": "transitions_pushed",
+    "dropped": "transitions_dropped",
+    "push_failures": "pushes_failed",
+}
+WEIGHTS_NAME = "apex-weights"
 
 
 def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
@@ -38,28 +45,11 @@ def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
     )
 
 
-class RemoteShard:
-    """Synchronous facade over a ``apex-replay-<k>`` Ray actor for `ReplaySampler`."""
-
-    def __init__(self, handle: Any, timeout: float = 60.0):
-        self.handle = handle
-        self.timeout = timeout
-
-    def sample(self, batch_size: int, beta: float) -> dict:
-        return ray.get(self.handle.sample.remote(batch_size, beta), timeout=self.timeout)
-
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
-        ray.get(self.handle.update_priorities.remote(keys, priorities), timeout=self.timeout)
-
-    def stats(self) -> dict:
-        return ray.get(self.handle.stats.remote(), timeout=self.timeout)
-
-
 def start_weight_store() -> Any:
     from common.weights import WeightStore
 
     cls = ray.remote(num_cpus=0, max_concurrency=4)(WeightStore)
-    return cls.options(name="apex-weights", scheduling_strategy=driver_node_strategy()).remote()
+    return cls.options(name=WEIGHTS_NAME, scheduling_strategy=driver_node_strategy()).remote()
 
 
 def start_shards(cfg: Config, urls: list[str], capacity_per_shard: int) -> list[Any]:
@@ -90,7 +80,7 @@ class _ActorState:
 class ActorFleet:
     """Starts, watches and stops the ``apex-actor-<i>`` Ray actors."""
 
-    def __init__(self, cfg: Config, urls: list[str], weight_store: Any):
+    def __init__(self, cfg: Config, urls: list[str], weight_store: str = WEIGHTS_NAME):
         from actors.actor import ApexActor
 
         self.cfg = cfg
@@ -199,10 +189,13 @@ class ActorFleet:
     def _absorb(a: _ActorState, s: dict) -> list[tuple[float, int]]:
         """Take one stats answer; returns the episodes it reports."""
         if a.last and s.get("frames", 0) < a.last.get("frames", 0):
-            for k in COUNTERS:  # the actor restarted: its counters began again
-                a.base[k] += a.last.get(k, 0)
+            for ours, theirs in COUNTERS.items():  # the actor restarted: counters began again
+                a.base[ours] += a.last.get(theirs, 0)
         a.last = s
         return list(zip(s.get("episode_returns", []), s.get("episode_lengths", []), strict=False))
 
     def _totals(self) -> dict:
-        return {k: sum(a.base[k] + a.last.get(k, 0) for a in self.actors) for k in COUNTERS}
+        return {
+            ours: sum(a.base[ours] + a.last.get(theirs, 0) for a in self.actors)
+            for ours, theirs in COUNTERS.items()
+        }

@@ -181,10 +181,11 @@ def _run(
 ) -> dict:
     import ray
 
-    from deploy.fleet import ActorFleet, RemoteShard, start_shards, start_weight_store
+    from deploy.fleet import ActorFleet, start_shards, start_weight_store
     from learner.learner import Learner
     from learner.loop import TrainLoop
     from learner.metrics import Metrics
+    from replay_server.remote import RemoteShard
     from replay_server.sampler import PrefetchLoader, ReplaySampler
 
     capacity_per_shard = max(1, cfg.replay.capacity // len(urls))
@@ -215,6 +216,7 @@ def _run(
         ray.get(store.publish.remote(version, [ray.put(weights)]))
 
     fleet: ActorFleet | None = None
+    last: dict = {}
 
     def poll_external() -> dict:
         assert fleet is not None
@@ -223,11 +225,12 @@ def _run(
         stats["replay_size"] = sum(s["size"] for s in shard_stats)
         stats["inserted"] = sum(s["inserted_total"] for s in shard_stats)
         stats["replay_bytes"] = sum(s.get("bytes_used", 0) for s in shard_stats)
+        last.update(stats)
         return stats
 
     metrics = Metrics(str(logdir / "tb"), use_ray=True)
     publish(0, learner.get_weights())  # actors start from the learner's weights
-    fleet = ActorFleet(cfg, urls, store)
+    fleet = ActorFleet(cfg, urls)
     loop = TrainLoop(
         cfg,
         learner,
@@ -242,6 +245,14 @@ def _run(
     )
     try:
         summary = loop.run(stop)
+        summary.update(
+            replay_size=last.get("replay_size", 0),
+            replay_inserted=last.get("inserted", 0),
+            replay_bytes=last.get("replay_bytes", 0),
+            actor_weight_versions=last.get("actor_weight_versions", []),
+            actor_restarts=last.get("actor_restarts", 0),
+            logdir=str(logdir),
+        )
     finally:
         fleet.stop()
         loader.close()

@@ -1,0 +1,318 @@
+"""The versioned wire format between actors, the replay and the learner.
+
+Two things cross the wire, and neither is ever pickled:
+
+* **Frames**: one 84x84 uint8 frame per Redis value, compressed by a
+  :class:`FrameCodec`. Every encoded frame starts with a 2-byte header
+  ``[0xA0 | FRAME_VERSION, codec_id]`` so any reader can decode any frame (a
+  store may hold frames of several codecs, e.g. ``zstd`` frames written before a
+  ``zstd-dict`` dictionary existed) and reject bytes that are not a frame.
+* **Transition batches**: a msgpack map ``{"v": BATCH_VERSION, "actor": int,
+  "policy_version": int, "n": int, <field>: raw little-endian bytes, ...}``
+  holding a :class:`~common.types.TransitionBatch` that refers to frames by id.
+
+Anything malformed raises :class:`WireError` with a message saying what was
+wrong; callers on the replay side count and skip such payloads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import lz4.block
+import msgpack
+import numpy as np
+import zstandard
+
+from common.types import FRAME_BYTES, FRAME_SHAPE, STACK, TransitionBatch
+
+FRAME_VERSION = 1
+BATCH_VERSION = 1
+_MAGIC = 0xA0
+_FRAME_TAG = _MAGIC | FRAME_VERSION
+CODEC_IDS: dict[str, int] = {"none": 0, "lz4": 1, "zstd": 2, "zstd-dict": 3}
+CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+ZSTD_LEVEL = 3
+
+# TransitionBatch fields -> little-endian dtype and per-row shape on the wire.
+_BATCH_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "obs_ids": ("<i8", (STACK,)),
+    "next_obs_ids": ("<i8", (STACK,)),
+    "actions": ("<i8", ()),
+    "returns": ("<f4", ()),
+    "discounts": ("<f4", ()),
+    "priorities": ("<f4", ()),
+}
+
+
+class WireError(ValueError):
+    """Bytes from the wire are not a valid frame or batch; the message says why."""
+
+
+class FrameCodec:
+    """Compress 84x84 uint8 frames to self-describing byte strings.
+
+    ``name`` is one of ``lz4`` (default: fastest decode per byte saved), ``zstd``
+    (level 3), ``zstd-dict`` (zstd with a dictionary trained per game, see
+    :func:`train_zstd_dictionary`; needs ``dictionary``) and ``none``.
+
+    ``decode`` accepts frames of *any* codec (the header names it); decoding a
+    ``zstd-dict`` frame needs the dictionary, given here or later with
+    :meth:`set_dictionary`. Instances are thread-safe for encode/decode (zstd
+    contexts are per thread).
+    """
+
+    def __init__(self, name: str, dictionary: bytes | None = None) -> None:
+        if name not in CODEC_IDS:
+            raise WireError(f"unknown frame codec {name!r}; choose one of {', '.join(CODEC_IDS)}")
+        if name == "zstd-dict" and dictionary is None:
+            raise WireError(
+                "codec zstd-dict needs a dictionary: train one with "
+                "train_zstd_dictionary(frames) or load it from the replay's Redis"
+            )
+        self.name = name
+        self.codec_id = CODEC_IDS[name]
+        self._header = bytes([_FRAME_TAG, self.codec_id])
+        self._dict_bytes: bytes | None = None
+        self._dict: zstandard.ZstdCompressionDict | None = None
+        self._local = threading.local()  # zstd (de)compressors are not thread-safe
+        if dictionary is not None:
+            self.set_dictionary(dictionary)
+
+    @property
+    def dictionary(self) -> bytes | None:
+        return self._dict_bytes
+
+    def set_dictionary(self, dictionary: bytes) -> None:
+        """Install the zstd dictionary used by ``zstd-dict`` frames."""
+        try:
+            d = zstandard.ZstdCompressionDict(bytes(dictionary))
+            d.precompute_compress(level=ZSTD_LEVEL)
+        except zstandard.ZstdError as exc:
+            raise WireError(f"invalid zstd dictionary ({len(dictionary)} bytes): {exc}") from None
+        self._dict_bytes = bytes(dictionary)
+        self._dict = d
+        self._local = threading.local()
+
+    def _zstd(
+        self, with_dict: bool, compress: bool
+    ) -> zstandard.ZstdCompressor | zstandard.ZstdDecompressor:
+        """This thread's zstd context (created on first use)."""
+        key = (with_dict, compress)
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = {}
+        obj = ctx.get(key)
+        if obj is None:
+            d = self._dict if with_dict else None
+            if with_dict and d is None:
+                raise WireError(
+                    "a zstd-dict frame needs the replay's dictionary; load it from Redis "
+                    "(ReplayKeys.dictionary) and call FrameCodec.set_dictionary"
+                )
+            if compress:
+                obj = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=d, write_checksum=False)
+            else:
+                obj = zstandard.ZstdDecompressor(dict_data=d)
+            ctx[key] = obj
+        return obj
+
+    # ---- encode ---------------------------------------------------------
+    def encode(self, frames: np.ndarray) -> list[bytes]:
+        """frames: uint8[m, 84, 84] -> m byte strings (header + payload)."""
+        if frames.dtype != np.uint8 or frames.shape[1:] != FRAME_SHAPE:
+            raise ValueError(
+                f"frames: expected uint8[m, 84, 84], got {frames.dtype}{list(frames.shape)}"
+            )
+        frames = np.ascontiguousarray(frames)
+        h = self._header
+        raw = [frames[i].tobytes() for i in range(frames.shape[0])]
+        if self.name == "lz4":
+            comp = lz4.block.compress
+            return [h + comp(r, store_size=False) for r in raw]
+        if self.name in ("zstd", "zstd-dict"):
+            c = self._zstd(self.name == "zstd-dict", compress=True).compress
+        else:
+            return [h + r for r in raw]
+        return [h + c(r) for r in raw]
+
+    # ---- decode ---------------------------------------------------------
+    def decode(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """m encoded frames -> uint8[m, 84, 84], a read-only view on one buffer
+        (fancy-index it, or ``.copy()`` it, to get a writable array).
+
+        Fast path: all frames share one header (any codec); decompress each, then
+        one ``b"".join`` and one ``np.frombuffer``. Mixed codecs fall back to a
+        per-frame dispatch. Raises :class:`WireError` on any bad frame.
+        """
+        m = len(blobs)
+        if m == 0:
+            return np.empty((0, *FRAME_SHAPE), np.uint8)
+        try:
+            first = blobs[0]
+            h = bytes(first[:2]) if len(first) >= 2 else b""
+            if len(h) != 2 or h[0] != _FRAME_TAG:
+                raise _Mixed
+            parts = self._decode_same(blobs, h, h[1])
+        except (_Mixed, TypeError):
+            parts = [self._decode_one(b) for b in blobs]
+        except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
+            raise WireError(f"corrupt {self.name} frame: {exc}") from None
+        data = b"".join(parts)
+        if len(data) != m * FRAME_BYTES:
+            raise WireError(
+                f"decoded {len(data)} bytes for {m} frames, expected {m * FRAME_BYTES}: "
+                "a frame is truncated or not an 84x84 frame"
+            )
+        return np.frombuffer(data, np.uint8).reshape(m, *FRAME_SHAPE)
+
+    def _decompressor(self, codec_id: int) -> Callable[[memoryview], bytes]:
+        if codec_id == 1:
+            return lambda b: lz4.block.decompress(b, uncompressed_size=FRAME_BYTES)
+        if codec_id in (2, 3):
+            dd = self._zstd(codec_id == 3, compress=False)
+            return lambda b: dd.decompress(b, max_output_size=FRAME_BYTES)
+        if codec_id == 0:
+            return bytes
+        raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
+
+    def _decode_same(self, blobs: Sequence[bytes], h: bytes, codec_id: int) -> list[bytes]:
+        for b in blobs:
+            if b[:2] != h:  # TypeError for None etc.: the caller takes the slow path
+                raise _Mixed
+        if codec_id == 1:
+            d = lz4.block.decompress
+            return [d(memoryview(b)[2:], FRAME_BYTES) for b in blobs]
+        fn = self._decompressor(codec_id)
+        return [fn(memoryview(b)[2:]) for b in blobs]
+
+    def _decode_one(self, blob: bytes) -> bytes:
+        if not isinstance(blob, bytes | bytearray | memoryview) or len(blob) < 2:
+            raise WireError(f"not a frame: {type(blob).__name__} of length {_len(blob)}")
+        tag, codec_id = blob[0], blob[1]
+        if tag & 0xF0 != _MAGIC:
+            raise WireError(
+                f"not a frame: bad magic byte 0x{tag:02x} (expected 0x{_FRAME_TAG:02x}); "
+                "the value was not written by apex-dqn's FrameCodec"
+            )
+        if tag != _FRAME_TAG:
+            raise WireError(
+                f"frame format version {tag & 0x0F} is not supported (this build reads "
+                f"version {FRAME_VERSION}); run actors and learner from the same release"
+            )
+        try:
+            out = self._decompressor(codec_id)(memoryview(blob)[2:])
+        except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
+            raise WireError(f"corrupt {CODEC_NAMES[codec_id]} frame: {exc}") from None
+        if len(out) != FRAME_BYTES:
+            raise WireError(f"frame decodes to {len(out)} bytes, expected {FRAME_BYTES}")
+        return out
+
+
+class _Mixed(Exception):
+    """Internal: a frame's header differs from the codec's own (take the slow path)."""
+
+
+def _len(x: object) -> int:
+    try:
+        return len(x)  # type: ignore[arg-type]
+    except TypeError:
+        return -1
+
+
+def train_zstd_dictionary(frames: np.ndarray, size: int = 32768) -> bytes:
+    """Train a zstd dictionary on uint8[m, 84, 84] frames (a few hundred suffice).
+
+    Raises :class:`WireError` when zstd cannot train on so few/similar frames.
+    """
+    samples = [np.ascontiguousarray(f).tobytes() for f in frames]
+    try:
+        return zstandard.train_dictionary(size, samples, level=ZSTD_LEVEL).as_bytes()
+    except zstandard.ZstdError as exc:
+        raise WireError(
+            f"cannot train a zstd dictionary from {len(samples)} frames: {exc}; "
+            "give it more (a few hundred) frames"
+        ) from None
+
+
+# ---- transition batches ------------------------------------------------------
+
+
+def encode_batch(
+    batch: TransitionBatch,
+    actor: int,
+    policy_version: int,
+    frame_ids: np.ndarray | None = None,
+) -> bytes:
+    """TransitionBatch -> msgpack bytes (arrays as raw little-endian bytes).
+
+    frame_ids: int64[m], the ids of the frames stored together with this batch
+    (the replay owns their lifetime from then on); None = no new frames.
+    """
+    batch.validate()
+    fids = np.zeros(0, np.int64) if frame_ids is None else np.asarray(frame_ids)
+    if fids.dtype != np.int64 or fids.ndim != 1:
+        raise ValueError(f"frame_ids: expected int64[m], got {fids.dtype}{list(fids.shape)}")
+    msg: dict[str, object] = {
+        "v": BATCH_VERSION,
+        "actor": int(actor),
+        "policy_version": int(policy_version),
+        "n": len(batch),
+        "frame_ids": fids.astype("<i8").tobytes(),
+    }
+    for name, (dtype, _) in _BATCH_FIELDS.items():
+        msg[name] = np.ascontiguousarray(getattr(batch, name), dtype=dtype).tobytes()
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def decode_batch(data: bytes) -> tuple[dict, TransitionBatch]:
+    """msgpack bytes -> (meta, TransitionBatch).
+
+    meta: {"v": int, "actor": int, "policy_version": int, "frame_ids": int64[m]}.
+
+    The arrays are read-only views on ``data``. Raises :class:`WireError` for
+    anything but a well-formed batch of this version.
+    """
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"batch is not valid msgpack ({len(data)} bytes): {exc}") from None
+    if not isinstance(msg, dict):
+        raise WireError(f"batch must be a msgpack map, got {type(msg).__name__}")
+    v = msg.get("v")
+    if v != BATCH_VERSION:
+        raise WireError(
+            f"batch format version {v!r} is not supported (this build reads version "
+            f"{BATCH_VERSION}); run actors and replay from the same release"
+        )
+    n = msg.get("n")
+    meta = {"v": v, "actor": msg.get("actor"), "policy_version": msg.get("policy_version")}
+    for key, val in (
+        ("n", n),
+        ("actor", meta["actor"]),
+        ("policy_version", meta["policy_version"]),
+    ):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise WireError(f"batch field {key!r} must be a non-negative int, got {val!r}")
+    fids = msg.get("frame_ids", b"")
+    if not isinstance(fids, bytes) or len(fids) % 8:
+        raise WireError("batch field 'frame_ids' must be bytes holding int64 ids")
+    meta["frame_ids"] = np.frombuffer(fids, "<i8")
+    arrays: dict[str, np.ndarray] = {}
+    for name, (dtype, row) in _BATCH_FIELDS.items():
+        raw = msg.get(name)
+        if not isinstance(raw, bytes):
+            raise WireError(f"batch field {name!r} must be bytes, got {type(raw).__name__}")
+        width = np.dtype(dtype).itemsize * int(np.prod(row, dtype=np.int64))
+        if len(raw) != n * width:
+            raise WireError(
+                f"batch field {name!r} has {len(raw)} bytes, expected {n * width} for n={n}"
+            )
+        arrays[name] = np.frombuffer(raw, dtype=dtype).reshape(n, *row)
+    batch = TransitionBatch(**arrays)
+    try:
+        batch.validate()
+    except ValueError as exc:
+        raise WireError(f"batch does not match TransitionBatch: {exc}") from None
+    return meta, batch
