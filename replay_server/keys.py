@@ -1,0 +1,69 @@
+"""Every Redis key the replay uses, in one place (the rq way).
+
+Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
+
+=========================  ======================================================
+``P f:<8-byte id>``        one encoded frame (:class:`common.wire.FrameCodec`);
+                           the id is the big-endian int64 frame id (binary keys
+                           save ~10 B per frame over decimal)
+``P incoming``             list of msgpack TransitionBatches (writers RPUSH,
+                           the shard LPOPs)
+``P rec:<chunk>``          binary string: ``RECORDS_PER_CHUNK`` fixed-size
+                           transition records (see ``replay_server.shard``)
+``P groups``               hash ``group id -> frame id runs`` of stored frames
+``P incarnation``          counter; ``INCR`` gives each writer start a unique id
+``P codec``                name of the codec the writers were started with
+``P dict``                 the zstd dictionary of ``zstd-dict`` frames
+``P prio``                 snapshot: ``int64 first_slot, int64 next_slot`` then
+                           ``float32`` priorities in slot order
+``P meta``                 hash: capacity, next_slot, inserted_total, ...
+=========================  ======================================================
+
+Bump :data:`KEY_VERSION` whenever the meaning of a key or record changes; a
+reader of another version then simply sees an empty replay rather than
+misreading data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KEY_VERSION = 1
+
+
+class ReplayKeys:
+    """Key names of one replay namespace. Immutable; cheap to construct."""
+
+    def __init__(self, namespace: str = "apex") -> None:
+        if not namespace or ":" in namespace:
+            raise ValueError(f"namespace {namespace!r} must be non-empty and contain no ':'")
+        self.namespace = namespace
+        self.prefix = f"{namespace}:v{KEY_VERSION}:".encode()
+        p = self.prefix
+        self.frame_prefix = p + b"f:"
+        self.incoming = p + b"incoming"
+        self.record_prefix = p + b"rec:"
+        self.groups = p + b"groups"
+        self.incarnation = p + b"incarnation"
+        self.codec = p + b"codec"
+        self.dictionary = p + b"dict"
+        self.priorities = p + b"prio"
+        self.meta = p + b"meta"
+
+    def frame(self, frame_id: int) -> bytes:
+        """Key of one frame."""
+        return self.frame_prefix + int(frame_id).to_bytes(8, "big", signed=True)
+
+    def frames(self, frame_ids: np.ndarray) -> list[bytes]:
+        """Keys of int64[m] frame ids, in order (vectorized byte packing)."""
+        raw = np.ascontiguousarray(frame_ids, dtype=">i8").tobytes()
+        p = self.frame_prefix
+        return [p + raw[i : i + 8] for i in range(0, len(raw), 8)]
+
+    def records(self, chunk: int) -> bytes:
+        """Key of transition-record chunk number ``chunk``."""
+        return self.record_prefix + str(int(chunk)).encode()
+
+    def frame_pattern(self) -> bytes:
+        """SCAN pattern matching every frame key."""
+        return self.frame_prefix + b"*"

@@ -1,0 +1,73 @@
+"""Shared pytest fixtures: a real Redis, a shared local Ray, real Pong frames.
+
+* ``redis_server`` (session): an :class:`EmbeddedRedis` on a free port in a tmp dir.
+* ``redis_url`` (function): that server's URL, FLUSHALLed before the test.
+* ``ray_local`` (session): ``ray.init(num_cpus=2)`` once (token auth disabled
+  explicitly, no dashboard); shut down at the end. Yields the ``ray`` module.
+* ``pong_frames`` (session): uint8[800, 84, 84] real Pong frames (8 envs x 100
+  random steps, ``AtariVectorEnv("pong", stack_num=1, reward_clipping=False)``).
+* ``make_pong_actor`` (function): factory for :class:`SyntheticActor`, closed
+  after the test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import redis
+
+from replay_server.redis_proc import EmbeddedRedis
+from replay_server.synthetic import SyntheticActor
+from replay_server.synthetic import pong_frames as _pong_frames
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redis")), appendonly=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pong_frames() -> np.ndarray:
+    return _pong_frames(num_envs=8, steps=100)
+
+
+@pytest.fixture
+def make_pong_actor():
+    made: list[SyntheticActor] = []
+
+    def make(incarnation: int, **kw) -> SyntheticActor:
+        actor = SyntheticActor(incarnation, **kw)
+        made.append(actor)
+        return actor
+
+    yield make
+    for a in made:
+        a.close()

@@ -1,0 +1,192 @@
+"""ReplaySampler, RateLimiter and PrefetchLoader with real Redis and real writers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from replay_server.rate_limiter import RateLimiter
+from replay_server.sampler import SLOT_MASK, PrefetchLoader, ReplaySampler
+from replay_server.shard import SLOT_BITS, ReplayShard
+from replay_server.writer import ReplayWriter
+
+
+def filled_shard(url, make_actor, pool, pushes, steps=10, envs=4, seed=0, **kw) -> ReplayShard:
+    shard = ReplayShard(url, capacity=kw.pop("capacity", 10_000), seed=seed, **kw)
+    writer = ReplayWriter(url)
+    actor = make_actor(writer.incarnation, num_envs=envs, frame_pool=pool, seed=seed)
+    for _ in range(pushes):
+        fids, frames, batch = actor.push(steps)
+        writer.push(fids, frames, batch, 0, 0)
+        shard.ingest()
+    return shard
+
+
+def test_importance_weights_on_known_priorities(redis_url, make_pong_actor, pong_frames):
+    alpha, beta = 0.5, 0.7
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, alpha=alpha)
+    n = shard.stats()["size"]
+    prios = (np.arange(n) % 7 + 1).astype(np.float32)
+    shard.update_priorities(np.arange(n), prios)
+    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
+    batch = sampler.sample(128, beta)
+    slots = batch.keys & SLOT_MASK
+    p = prios[slots].astype(np.float64) ** alpha / (prios.astype(np.float64) ** alpha).sum()
+    w = (n * p) ** -beta
+    np.testing.assert_allclose(batch.weights, w / w.max(), rtol=1e-5)
+    assert batch.weights.max() == 1.0
+    # The lowest priority gets the largest weight.
+    assert batch.weights[prios[slots] == prios[slots].min()].min() == 1.0
+
+
+def test_two_shards_are_sampled_in_proportion_to_total_priority(
+    redis_url, make_pong_actor, pong_frames
+):
+    url_b = redis_url[: redis_url.rfind("/")] + "/1"  # a second database of the same server
+    a = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, seed=1, alpha=1.0)
+    b = filled_shard(url_b, make_pong_actor, pong_frames, pushes=2, seed=2, alpha=1.0)
+    na, nb = a.stats()["size"], b.stats()["size"]
+    a.update_priorities(np.arange(na), np.full(na, 1.0))
+    b.update_priorities(np.arange(nb), np.full(nb, 3.0 * na / nb))  # total_b = 3 * total_a
+    sampler = ReplaySampler([a, b], [redis_url, url_b], min_size=1, seed=0)
+    counts = np.zeros(2)
+    for _ in range(40):
+        batch = sampler.sample(100, beta=1.0)
+        shard = batch.keys >> SLOT_BITS
+        counts += np.bincount(shard, minlength=2)
+        # beta=1: weight ~ 1/P(i) globally, whichever shard i lives in.
+        expect = np.where(shard == 0, 1.0, na / (3.0 * nb))
+        if (shard == 0).any():
+            np.testing.assert_allclose(batch.weights, expect, rtol=1e-5)
+    frac_b = counts[1] / counts.sum()
+    assert abs(frac_b - 0.75) < 4 * np.sqrt(0.75 * 0.25 / counts.sum()), frac_b
+    # Priority updates are routed back to the shard named in the key.
+    batch = sampler.sample(50, beta=1.0)
+    sampler.update_priorities(batch.keys, np.full(len(batch), 42.0))
+    for k, shard_obj in enumerate((a, b)):
+        mine = batch.keys[(batch.keys >> SLOT_BITS) == k] & SLOT_MASK
+        assert (shard_obj.get_priorities(mine) == 42.0).all()
+
+
+def test_rows_whose_frames_vanished_are_dropped(redis_url, make_pong_actor, pong_frames):
+    import redis as redis_mod
+
+    from replay_server.keys import ReplayKeys
+
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
+    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
+    client = redis_mod.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=ReplayKeys().frame_pattern()))
+    client.delete(*keys[: len(keys) // 3])
+    batch = sampler.sample(200, 0.4)
+    assert batch is not None and 0 < len(batch) < 200
+    batch.validate()
+    assert sampler.stats()["dropped_rows"] == 200 - len(batch)
+
+
+def test_rate_limiter_arithmetic():
+    lim = RateLimiter(min_size=100, samples_per_insert=2.0, tolerance=50)
+    assert not lim.try_acquire(10, inserted=99, size=99)  # below min_size
+    assert lim.try_acquire(50, inserted=100, size=100)  # the tolerance
+    assert not lim.try_acquire(1, inserted=100, size=100)
+    assert lim.try_acquire(20, inserted=110, size=110)  # 2 * 10 new inserts
+    assert not lim.try_acquire(1, inserted=110, size=110)
+    lim.release(5)
+    assert lim.try_acquire(5, inserted=110, size=110)
+    unlimited = RateLimiter(min_size=10, samples_per_insert=0.0)
+    assert unlimited.try_acquire(10**6, inserted=10, size=10)
+    resumed = RateLimiter(min_size=100, samples_per_insert=4.0, tolerance=64)
+    assert resumed.try_acquire(64, inserted=10**6, size=1000)  # no burst after a resume
+    assert not resumed.try_acquire(64, inserted=10**6, size=1000)
+
+
+def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, make_pong_actor):
+    spi, min_size, tol = 4.0, 200, 128
+    shard = ReplayShard(redis_url, capacity=50_000, seed=0)
+    shard.start()
+    stop = threading.Event()
+
+    def write(seed: int) -> None:
+        writer = ReplayWriter(redis_url)
+        actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames, seed=seed)
+        while not stop.is_set():
+            fids, frames, batch = actor.push(5)  # ~20 transitions
+            writer.push(fids, frames, batch, seed, 0)
+            time.sleep(0.05)
+
+    writers = [threading.Thread(target=write, args=(s,)) for s in range(2)]
+    for t in writers:
+        t.start()
+    sampler = ReplaySampler(
+        [shard],
+        [redis_url],
+        min_size=min_size,
+        samples_per_insert=spi,
+        tolerance=tol,
+        wait_timeout=0.5,
+    )
+    try:
+        sampled, checks, nones = 0, 0, 0
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            batch = sampler.sample(64, 0.4)
+            if batch is None:
+                nones += 1
+                continue
+            sampled += len(batch)
+            inserted = shard.stats()["inserted_total"]  # read after the sample: an upper bound
+            assert sampled <= spi * (inserted - min_size) + tol, (sampled, inserted)
+            checks += 1
+        assert checks > 10
+        # The limiter, not the sampler's own speed, set the pace while writers ran.
+        assert sampler.stats()["limiter_wait_s"] > 0.5, sampler.stats()
+        stop.set()
+        for t in writers:
+            t.join()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        while sampler.sample(64, 0.4) is not None:  # use up the remaining budget
+            assert time.monotonic() - t0 < 10
+        assert 0.45 < time.monotonic() - t0 < 15  # then it waited wait_timeout and gave up
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+        shard.stop()
+
+
+def test_min_size_gates_sampling(redis_url, make_pong_actor, pong_frames):
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=1)
+    n = shard.stats()["size"]
+    sampler = ReplaySampler([shard], [redis_url], min_size=n + 1, wait_timeout=0.1)
+    assert sampler.sample(8, 0.4) is None
+    assert ReplaySampler([shard], [redis_url], min_size=n).sample(8, 0.4) is not None
+
+
+def test_prefetch_loader_queues_batches_and_surfaces_errors(
+    redis_url, make_pong_actor, pong_frames
+):
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
+    sampler = ReplaySampler([shard], [redis_url], min_size=1)
+    loader = PrefetchLoader(lambda: sampler.sample(32, 0.4), workers=2, queue_size=3)
+    try:
+        got = [loader.get(timeout=5.0) for _ in range(10)]
+        assert all(b is not None and len(b) == 32 for b in got)
+        assert loader.batches == 10 and loader.wait_s >= 0
+    finally:
+        loader.close()
+    empty = PrefetchLoader(lambda: time.sleep(0.01), workers=1, queue_size=1)
+    t0 = time.monotonic()
+    assert empty.get(timeout=0.2) is None and time.monotonic() - t0 >= 0.19
+    empty.close()
+
+    def boom():
+        raise OSError("redis went away")
+
+    broken = PrefetchLoader(boom, workers=1, queue_size=1)
+    with pytest.raises(RuntimeError, match="redis went away"):
+        broken.get(timeout=2.0)
+    broken.close()
