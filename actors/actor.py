@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 10.0
+THROTTLE_POLL_S = 0.05
+THROTTLE_MAX_S = 5.0
 _REPLAY_ERRORS = (ReplayUnavailable, redis.ConnectionError, redis.TimeoutError, OSError)
 
 
@@ -119,7 +121,9 @@ class ApexActor:
         self._n = {"vector_steps": 0, "pushed": 0, "dropped": 0, "push_failed": 0, "pushes": 0}
         # seconds: env stepping, forward passes, batch assembly, writer.push (frame
         # compression + msgpack + the round trip), other (stacks, n-step, epsilon)
-        self._time = {"env": 0.0, "inference": 0.0, "encode": 0.0, "push": 0.0, "other": 0.0}
+        self._time = {
+            "env": 0.0, "inference": 0.0, "encode": 0.0, "push": 0.0, "throttle": 0.0, "other": 0.0,
+        }  # fmt: skip
         self._writer: ReplayWriter | None = None
         self._try_connect()
         # Seeds: (run seed, actor index, restart salt). Ray exposes no restart count,
@@ -362,7 +366,9 @@ class ApexActor:
         batch.next_obs_ids = batch.next_obs_ids | base
         t1 = time.perf_counter()
         try:
-            self._writer.push(counters | base, frames, batch, self.index, self.policy_version)
+            allowance = self._writer.push(
+                counters | base, frames, batch, self.index, self.policy_version
+            )
         except _REPLAY_ERRORS as exc:
             self._time["encode"] += t1 - t0
             self._time["push"] += time.perf_counter() - t1
@@ -386,6 +392,31 @@ class ApexActor:
             self._failing_since = None
         self._backoff = BACKOFF_START_S
         self._retry_at = 0.0
+        self._throttle(*allowance)
+
+    def _throttle(self, pushed: int, budget: int | None) -> None:
+        """Wait while this shard's writers are ahead of the learner's insert budget.
+
+        The learner keeps ``budget`` near ``sampled / samples_per_insert`` plus a
+        tolerance (Reverb's SampleToInsertRatio, insert side), so adding actors
+        does not change the replay ratio. The wait is bounded by
+        ``THROTTLE_MAX_S`` per push, so a stalled learner never stops the actors
+        for good, and ``stop()`` ends it at once.
+        """
+        if budget is None or pushed <= budget:
+            return
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + THROTTLE_MAX_S
+        while pushed > budget and not self._stop.is_set() and time.monotonic() < deadline:
+            self._stop.wait(THROTTLE_POLL_S)
+            try:
+                pushed, budget = self._writer.allowance()
+            except _REPLAY_ERRORS:
+                break
+            if budget is None:
+                break
+        with self._lock:
+            self._time["throttle"] += time.perf_counter() - t0
 
     def _bound_buffer(self) -> None:
         """Drop the oldest transitions beyond ``local_buffer``, then the frames nobody needs."""

@@ -17,6 +17,9 @@ Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
 ``P prio``                 snapshot: ``int64 first_slot, int64 next_slot`` then
                            ``float32`` priorities in slot order
 ``P meta``                 hash: capacity, next_slot, inserted_total, ...
+``P pushed``               counter: transitions writers pushed (INCRBY per push)
+``P budget``               the learner's insert budget: writers that pushed more
+                           than this wait (samples-per-insert on the insert side)
 =========================  ======================================================
 
 Bump :data:`KEY_VERSION` whenever the meaning of a key or record changes; a
@@ -49,6 +52,8 @@ class ReplayKeys:
         self.dictionary = p + b"dict"
         self.priorities = p + b"prio"
         self.meta = p + b"meta"
+        self.pushed = p + b"pushed"
+        self.budget = p + b"budget"
 
     def frame(self, frame_id: int) -> bytes:
         """Key of one frame."""

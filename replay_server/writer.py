@@ -92,11 +92,14 @@ class ReplayWriter:
         batch: TransitionBatch,
         actor: int,
         policy_version: int,
-    ) -> None:
+    ) -> tuple[int, int | None]:
         """Store the new frames and queue the batch: ONE pipelined round trip.
 
         frame_ids: int64[m] ids of frames not pushed before; frames: uint8[m, 84, 84].
         batch: transitions referring to these and earlier pushed frames (by id).
+        Returns ``(pushed, budget)``: transitions pushed to this shard by all
+        writers so far, and the learner's insert budget (None = unlimited); a
+        writer with ``pushed > budget`` should wait (see `allowance`).
         """
         frame_ids = np.asarray(frame_ids)
         if frame_ids.dtype != np.int64 or frame_ids.ndim != 1:
@@ -116,9 +119,21 @@ class ReplayWriter:
                     blobs = codec.encode(frames)
                     pipe.mset(dict(zip(self.keys.frames(frame_ids), blobs, strict=True)))
                 pipe.rpush(self.keys.incoming, payload)
-                pipe.execute()
+                pipe.incrby(self.keys.pushed, len(batch))
+                pipe.get(self.keys.budget)
+                *_, pushed, budget = pipe.execute()
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 raise self._unavailable(exc) from None
+        return int(pushed), None if budget is None else int(budget)
+
+    def allowance(self) -> tuple[int, int | None]:
+        """``(pushed, budget)`` as `push` returns them, without pushing (one round trip)."""
+        with self._lock:
+            try:
+                pushed, budget = self.client.mget([self.keys.pushed, self.keys.budget])
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                raise self._unavailable(exc) from None
+        return int(pushed or 0), None if budget is None else int(budget)
 
     def close(self) -> None:
         self.client.close()
