@@ -44,6 +44,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
+        address="local",  # never join a cluster that `ray start` left on this machine
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,

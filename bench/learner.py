@@ -1,0 +1,209 @@
+"""Learner benchmark: updates/s fed from a real Redis replay vs the compute ceiling.
+
+Prints ONE JSON object. In the same run, on the same device and network:
+
+* ``updates_per_s_ceiling``: `Learner.update` on ONE pre-made batch already on the
+  device (no data movement at all): what the device can do.
+* ``updates_per_s_fed``: the training loop's hot path fed by the real replay:
+  ``PrefetchLoader`` workers run ``ReplaySampler.sample`` (prioritized draw, one
+  MGET per shard, lz4 decode, stacking) against a `ReplayShard` in an embedded
+  redis-server holding ``--transitions`` real Pong transitions (random play,
+  n=3), the learner copies each batch to the device and steps, and new priorities
+  go back through the loop's background `PriorityWriter`.
+The two are measured in alternating short phases (``--rounds``), so load from
+other processes on a shared machine hits both alike.
+
+* ``learner_ratio`` = fed / ceiling (1.0: the replay never holds the learner back).
+* ``data_wait_fraction``: fraction of the fed phase's wall time spent in
+  ``loader.get`` (the loop's own definition).
+* on CUDA also ``ceiling_512_updates_per_s`` (Ape-X's batch size).
+
+    python bench/learner.py --device cpu                 # batch 64, ~1 min on 2 cores
+    python bench/learner.py --device cuda --seconds 20   # batch 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import Config  # noqa: E402
+from learner.learner import Learner  # noqa: E402
+from learner.loop import PriorityWriter  # noqa: E402
+
+
+def fill_replay(url: str, transitions: int, codec: str, seed: int) -> tuple[object, float]:
+    """A ReplayShard on ``url`` holding ``transitions`` real Pong transitions."""
+    from replay_server.shard import ReplayShard
+    from replay_server.synthetic import SyntheticActor
+    from replay_server.writer import ReplayWriter
+
+    t0 = time.perf_counter()
+    shard = ReplayShard(url, capacity=transitions, codec=codec, seed=seed)
+    writer = ReplayWriter(url, codec=codec)
+    actor = SyntheticActor(writer.incarnation, game="pong", num_envs=8, seed=seed)
+    try:
+        while shard.size < transitions:
+            fids, frames, batch = actor.push(25)
+            writer.push(fids, frames, batch, actor=0, policy_version=0)
+            shard.ingest()
+    finally:
+        actor.close()
+        writer.close()
+    return shard, time.perf_counter() - t0
+
+
+class Ceiling:
+    """Updates on one batch already on the device (no data movement at all)."""
+
+    def __init__(self, learner: Learner, batch) -> None:
+        self.learner, self.dev = learner, learner.to_device(batch)
+        self.n, self.elapsed = 0, 0.0
+
+    def run(self, seconds: float) -> None:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 2:
+            self.learner.update(self.dev)  # ends with a device->host copy: synchronised
+            n += 1
+        self.n, self.elapsed = self.n + n, self.elapsed + time.perf_counter() - t0
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed
+
+
+class Fed:
+    """The loop's hot path: loader.get -> Learner.step -> PriorityWriter."""
+
+    def __init__(self, learner: Learner, sampler, loader) -> None:
+        self.learner, self.loader = learner, loader
+        self.writer = PriorityWriter(sampler.update_priorities)
+        self.writer.start()
+        self.n, self.elapsed, self.wait = 0, 0.0, 0.0
+
+    def run(self, seconds: float) -> None:
+        n, wait, t0 = 0, 0.0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 2:
+            tw = time.perf_counter()
+            b = self.loader.get(timeout=60)
+            wait += time.perf_counter() - tw
+            if b is None:
+                raise RuntimeError("the replay produced no batch within 60 s")
+            self.writer.put(b.keys, self.learner.step(b)["priorities"])
+            n += 1
+        self.writer.flush()
+        self.n, self.elapsed = self.n + n, self.elapsed + time.perf_counter() - t0
+        self.wait += wait
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.elapsed
+
+
+def measure(learner: Learner, sampler, loader, first, args) -> tuple[Ceiling, Fed]:
+    """Warm both up, then alternate short ceiling and fed phases (``--rounds``), so
+    that load from other processes on a shared machine hits both alike."""
+    ceil, fed = Ceiling(learner, first), Fed(learner, sampler, loader)
+    for _ in range(args.warmup):
+        learner.update(ceil.dev)
+        b = loader.get(timeout=60)
+        fed.writer.put(b.keys, learner.step(b)["priorities"])
+    chunk = args.seconds / args.rounds
+    try:
+        for _ in range(args.rounds):
+            ceil.run(chunk)
+            fed.run(chunk)
+    finally:
+        fed.writer.close()
+    return ceil, fed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: 512 on cuda, 64 on cpu")
+    ap.add_argument("--seconds", type=float, default=12.0, help="timed seconds per kind")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed updates of each kind")
+    ap.add_argument("--rounds", type=int, default=4, help="alternations ceiling/fed")
+    ap.add_argument("--transitions", type=int, default=20_000, help="replay fill")
+    ap.add_argument("--loader-workers", type=int, default=2)
+    ap.add_argument("--prefetch", type=int, default=4)
+    ap.add_argument("--codec", default="lz4")
+    ap.add_argument("--compile", action="store_true", help="torch.compile (cuda)")
+    args = ap.parse_args()
+
+    from replay_server.redis_proc import EmbeddedRedis
+    from replay_server.sampler import PrefetchLoader, ReplaySampler
+
+    cfg = Config()
+    cfg.learner.device = args.device
+    cfg.learner.compile = args.compile
+    batch_size = args.batch_size or cfg.batch_size(args.device)
+    cfg.learner.batch_size = batch_size
+    learner = Learner(cfg, num_actions=6, device=args.device)  # Pong: 6 actions
+
+    with EmbeddedRedis(None, appendonly=False) as server:
+        shard, fill_s = fill_replay(server.url, args.transitions, args.codec, seed=0)
+        sampler = ReplaySampler([shard], [server.url], codec=args.codec, min_size=batch_size)
+        first = sampler.sample(batch_size, 0.4)
+        loader = PrefetchLoader(
+            lambda: sampler.sample(batch_size, 0.4), args.loader_workers, args.prefetch
+        )
+        try:
+            ceil, fed = measure(learner, sampler, loader, first, args)
+        finally:
+            loader.close()
+        ceil_512 = None
+        if args.device == "cuda":
+            if batch_size == 512:
+                ceil_512 = ceil.rate
+            else:
+                big = Ceiling(learner, sampler.sample(512, 0.4))
+                big.run(1.0)  # warm-up (cudnn autotuning for the new shape)
+                big.n, big.elapsed = 0, 0.0
+                big.run(args.seconds / 2)
+                ceil_512 = big.rate
+        replay_size = shard.size
+        shard.stop()
+
+    out = {
+        "bench": "learner",
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "batch_size": batch_size,
+        "compile": args.compile,
+        "updates_per_s_fed": round(fed.rate, 3),
+        "updates_per_s_ceiling": round(ceil.rate, 3),
+        "learner_ratio": round(fed.rate / ceil.rate, 3),
+        "data_wait_fraction": round(fed.wait / fed.elapsed, 3),
+        "samples_per_s_fed": round(fed.rate * batch_size, 1),
+        "updates_timed": {"ceiling": ceil.n, "fed": fed.n},
+        "ceiling_512_updates_per_s": None if ceil_512 is None else round(ceil_512, 3),
+        "replay_transitions": replay_size,
+        "replay_fill_s": round(fill_s, 1),
+        "loader_workers": args.loader_workers,
+        "prefetch": args.prefetch,
+        "codec": args.codec,
+        "seconds_per_kind": args.seconds,
+        "rounds": args.rounds,
+        "baseline": "updates_per_s_ceiling: the same Learner.update on one batch already on the device",
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

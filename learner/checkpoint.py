@@ -1,0 +1,173 @@
+"""Checkpoints: everything a run needs to continue, written atomically.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python
+values (dict, list, tuple, str, int, float, bool, None), so it loads with
+``torch.load(weights_only=True)``: nothing beyond that is ever unpickled.
+
+Layout (``FORMAT`` = "apex-dqn-checkpoint", ``VERSION`` = 1)::
+
+    format, version         str, int
+    env_id, num_actions     the game (canonical id) and its action count
+    model, target           online / target QNetwork state dicts
+    optimizer               optimizer state dict
+    updates                 int
+    counters                dict[str, int | float | list]: updates, frames,
+                            transitions, episodes, weight_version, elapsed_s, ...
+    config                  `Config.to_dict()`
+    rng                     torch (uint8 tensor), cuda (list of tensors), numpy
+                            (MT19937 state as plain values), python (random state)
+
+Writing goes to ``<path>.tmp-<pid>`` first, is fsync'ed, then ``os.replace``d over
+``path``: a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "apex-dqn-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or belongs to another game; the message
+    says which file, what is wrong and what to do."""
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy (global) and python ``random`` states as safe plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state` (CUDA states are skipped when the device count differs)."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    learner_state: dict[str, Any],
+    counters: dict[str, Any],
+    config: dict[str, Any],
+    env_id: str,
+    num_actions: int,
+) -> str:
+    """Atomically write a checkpoint; returns the path written.
+
+    learner_state: `Learner.state_dict()` (model, target, optimizer, updates)
+    counters:      plain values (ints, floats, lists of them)
+    config:        `Config.to_dict()`
+    """
+    path = os.fspath(path)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "env_id": env_id,
+        "num_actions": int(num_actions),
+        **learner_state,
+        "counters": dict(counters),
+        "config": config,
+        "rng": rng_state(),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    expect_env: str | None = None,
+    expect_actions: int | None = None,
+) -> dict[str, Any]:
+    """Read and check a checkpoint (tensors on CPU); raises `CheckpointError`.
+
+    expect_env:     refuse a checkpoint of another game (ids compared after
+                    `common.env.resolve_env`, so ``pong`` matches ``ALE/Pong-v5``)
+    expect_actions: refuse a checkpoint with another action count
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path (checkpoints are "
+            f"written as LOGDIR/checkpoint.pt)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, unsafe globals, ...
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"the file is truncated, corrupt or not an apex-dqn checkpoint. Use an "
+            f"earlier checkpoint or start a new run without --resume."
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is not an apex-dqn checkpoint (no '{FORMAT}' marker); "
+            f"pass a file written by 'apex-dqn train'."
+        )
+    missing = [
+        k
+        for k in ("model", "target", "optimizer", "counters", "config", "env_id", "num_actions")
+        if k not in state
+    ]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete. Use an "
+            f"earlier checkpoint or start a new run without --resume."
+        )
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['version']}, newer than this "
+            f"apex-dqn ({VERSION}); upgrade apex-dqn to load it."
+        )
+    if expect_env is not None and not _same_env(state["env_id"], expect_env):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {state['env_id']}, not {expect_env}; "
+            f"resume with --env {state['env_id']} or start a new run without --resume."
+        )
+    if expect_actions is not None and int(state["num_actions"]) != int(expect_actions):
+        raise CheckpointError(
+            f"checkpoint {path} has {state['num_actions']} actions ({state['env_id']}) but "
+            f"the environment has {expect_actions}; check --full-action-space or start a "
+            f"new run without --resume."
+        )
+    return state
+
+
+def _same_env(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    from common.env import UnknownEnvError, resolve_env
+
+    try:
+        return resolve_env(a).env_id == resolve_env(b).env_id
+    except UnknownEnvError:
+        return False

@@ -1,0 +1,225 @@
+"""The learner: online + target Q-networks, one optimizer, one `step(batch)`.
+
+One code path for CPU and CUDA. On CUDA the batch's uint8 frames are copied
+into reusable pinned host buffers and sent with ``non_blocking`` copies (frames
+stay uint8 until they are on the device: 4x fewer bytes over PCIe), the networks
+run in ``channels_last`` under bf16 autocast (the loss and the targets are
+computed in float32), Adam is the fused kernel, and ``torch.compile`` is applied
+when ``cfg.learner.compile``. On CPU the same code runs in float32 without
+copies (``torch.from_numpy``), with denormal floats flushed to zero (see
+``__init__``: a 10-40x slowdown otherwise).
+
+Call order (one update):
+  1. batch -> device (uint8 frames, float32 returns/discounts/weights)
+  2. Q_online(s), and without gradient Q_online(s') (double) and Q_target(s')
+  3. `losses.td_targets` + `losses.dqn_loss` (importance-weighted Huber)
+  4. backward, clip the gradient norm to ``grad_clip`` (Ape-X: 40), optimizer step
+  5. ``updates += 1``; every ``target_update`` updates copy online -> target
+  6. one device->host transfer: new priorities |TD| and the scalars
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import Config
+from common.network import QNetwork, weights_to_numpy
+from common.types import SampleBatch
+from learner.losses import dqn_loss, td_targets
+
+ADAM_EPS = 1.5e-4  # Rainbow/Ape-X-era Adam epsilon for Atari (Hessel et al. 2018)
+RMSPROP_EPS = 1.5e-7  # Ape-X centered RMSProp
+RMSPROP_DECAY = 0.95  # Ape-X centered RMSProp
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class DeviceBatch:
+    """A `SampleBatch` on the learner's device: obs/next_obs uint8[B, 4, 84, 84]
+    (channels_last on CUDA), actions int64[B], returns/discounts/weights float32[B]."""
+
+    obs: torch.Tensor
+    next_obs: torch.Tensor
+    actions: torch.Tensor
+    returns: torch.Tensor
+    discounts: torch.Tensor
+    weights: torch.Tensor
+
+
+class Learner:
+    """Double/Dueling n-step DQN learner. Not thread-safe: call from one thread.
+
+    cfg:         the run's `Config` (learner section: optimizer, lr, target_update,
+                 grad_clip, dueling, double, compile, torch_threads; run.seed seeds
+                 the network initialisation)
+    num_actions: the game's action count A
+    device:      ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``
+
+    Attributes: ``device`` (torch.device), ``updates`` (int, optimizer steps so far),
+    ``online``/``target`` (QNetwork), ``optimizer``.
+    """
+
+    def __init__(self, cfg: Config, num_actions: int, device: str | torch.device = "auto"):
+        lc = cfg.learner
+        self.cfg = cfg
+        self.num_actions = num_actions
+        self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.double = lc.double
+        self.target_update = lc.target_update
+        self.grad_clip = lc.grad_clip
+        self.updates = 0
+        if lc.torch_threads > 0:
+            torch.set_num_threads(lc.torch_threads)
+        if not self.cuda:
+            # Process-wide. Without it, the first updates on mostly-black frames
+            # (Catch, Atari backgrounds) produce denormal floats and a CPU update
+            # runs 10-40x slower (measured: 0.4-1.4 s vs 0.036 s at batch 32).
+            torch.set_flush_denormal(True)
+        torch.manual_seed(cfg.run.seed)
+        self.online = QNetwork(num_actions, dueling=lc.dueling).to(self.device)
+        if self.cuda:
+            self.online = self.online.to(memory_format=torch.channels_last)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+        self.optimizer = self._make_optimizer(cfg)
+        self._online_fn: nn.Module = self.online
+        self._target_fn: nn.Module = self.target
+        if lc.compile and self.cuda:
+            self._online_fn = torch.compile(self.online)  # type: ignore[assignment]
+            self._target_fn = torch.compile(self.target)  # type: ignore[assignment]
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    def _make_optimizer(self, cfg: Config) -> torch.optim.Optimizer:
+        params = list(self.online.parameters())
+        lr = cfg.learning_rate()
+        if cfg.learner.optimizer == "rmsprop":
+            return torch.optim.RMSprop(
+                params, lr=lr, alpha=RMSPROP_DECAY, eps=RMSPROP_EPS, centered=True
+            )
+        return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=self.cuda or None)
+
+    # ---- data ---------------------------------------------------------------
+    def _to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
+        """numpy -> device tensor of the same dtype. CUDA: through a reusable pinned
+        buffer with a non-blocking copy (safe to reuse: `step` synchronises at its
+        end); CPU: zero-copy ``torch.from_numpy``."""
+        arr = np.ascontiguousarray(arr)
+        if not self.cuda:
+            return torch.from_numpy(arr)
+        buf = self._pinned.get(name)
+        if buf is None or buf.dtype != _TORCH_DTYPES[arr.dtype] or buf.shape[1:] != arr.shape[1:]:
+            buf = torch.empty(arr.shape, dtype=_TORCH_DTYPES[arr.dtype], pin_memory=True)
+            self._pinned[name] = buf
+        elif buf.shape[0] < arr.shape[0]:
+            buf = torch.empty(arr.shape, dtype=buf.dtype, pin_memory=True)
+            self._pinned[name] = buf
+        view = buf[: arr.shape[0]]
+        view.numpy()[...] = arr
+        return view.to(self.device, non_blocking=True)
+
+    def _frames(self, name: str, arr: np.ndarray) -> torch.Tensor:
+        t = self._to_device(name, arr)
+        return t.contiguous(memory_format=torch.channels_last) if self.cuda else t
+
+    # ---- the update -----------------------------------------------------------
+    def to_device(self, batch: SampleBatch) -> DeviceBatch:
+        """The batch's arrays on the learner's device (frames still uint8)."""
+        return DeviceBatch(
+            obs=self._frames("obs", batch.obs),
+            next_obs=self._frames("next_obs", batch.next_obs),
+            actions=self._to_device("actions", batch.actions),
+            returns=self._to_device("returns", batch.returns),
+            discounts=self._to_device("discounts", batch.discounts),
+            weights=self._to_device("weights", batch.weights),
+        )
+
+    def step(self, batch: SampleBatch) -> dict[str, Any]:
+        """One update on ``batch``; returns ``loss``, ``q_mean`` (mean Q(s_t, a_t)),
+        ``td_abs_mean``, ``grad_norm`` (before clipping; floats), ``updates`` (int)
+        and ``priorities`` (float32[B], the new |TD| per row, for the replay)."""
+        return self.update(self.to_device(batch))
+
+    def update(self, batch: DeviceBatch) -> dict[str, Any]:
+        """`step` on a batch already on the device (see `to_device`)."""
+        obs, next_obs, actions = batch.obs, batch.next_obs, batch.actions
+        returns, discounts, weights = batch.returns, batch.discounts, batch.weights
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            q = self._online_fn(obs)
+            with torch.no_grad():
+                target_next = self._target_fn(next_obs)
+                online_next = self._online_fn(next_obs) if self.double else target_next
+        targets = td_targets(online_next, target_next, returns, discounts, self.double)
+        loss, td_abs = dqn_loss(q, actions, targets, weights)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.online.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % self.target_update == 0:
+            self.update_target()
+
+        q_taken = q.detach().float().gather(1, actions.unsqueeze(1)).squeeze(1)
+        scalars = torch.stack(
+            [loss.detach(), q_taken.mean(), td_abs.mean(), grad_norm.detach().float()]
+        )
+        host = torch.cat([td_abs, scalars]).float().cpu().numpy()  # the one sync
+        b = int(actions.shape[0])
+        return {
+            "loss": float(host[b]),
+            "q_mean": float(host[b + 1]),
+            "td_abs_mean": float(host[b + 2]),
+            "grad_norm": float(host[b + 3]),
+            "updates": self.updates,
+            "priorities": host[:b].astype(np.float32, copy=True),
+        }
+
+    def update_target(self) -> None:
+        """Copy the online network's parameters into the target network."""
+        self.target.load_state_dict(self.online.state_dict())
+
+    # ---- weights and state ---------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The online network as CPU float32 numpy arrays (`weights_to_numpy`)."""
+        return weights_to_numpy(self.online)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``model``, ``target``, ``optimizer`` state dicts and ``updates`` (tensors
+        and plain Python values only: loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "model": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict` output or a whole checkpoint dict (whose
+        ``counters["updates"]`` is used when ``updates`` is absent)."""
+        self.online.load_state_dict(state["model"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        updates = state.get("updates", state.get("counters", {}).get("updates", 0))
+        self.updates = int(updates)
+
+
+_TORCH_DTYPES: dict[np.dtype, torch.dtype] = {
+    np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.float32): torch.float32,
+}

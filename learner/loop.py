@@ -1,0 +1,447 @@
+"""The training loop of the learner role: sample -> update -> priorities -> publish.
+
+`TrainLoop` only sees plain callables, so it runs the same in-process (tests,
+single-process debugging) and in the driver wired to Ray actors and replay
+shards (`deploy.launcher`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from common.config import Config
+from common.types import SampleBatch
+from learner.checkpoint import save_checkpoint
+from learner.learner import Learner
+from learner.metrics import Metrics, progress_line
+
+log_ = logging.getLogger(__name__)
+
+RECENT_EPISODES = 100
+
+
+class PriorityWriter:
+    """Background thread sending new priorities to the replay, so the next update
+    never waits for the replay's round trip. Pending updates are coalesced into one
+    ``update_priorities(keys, priorities)`` call; the queue holds at most
+    ``max_pending`` updates (the loop blocks beyond that: back-pressure instead of
+    unbounded memory). A failing call is logged and dropped (priorities are hints;
+    the transitions keep their old priority)."""
+
+    def __init__(self, fn: Callable[[np.ndarray, np.ndarray], None], max_pending: int = 64):
+        self._fn = fn
+        self._q: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._run, name="apex-priorities", daemon=True)
+        self.calls = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, keys: np.ndarray, priorities: np.ndarray) -> None:
+        self._q.put((keys, priorities))
+
+    def flush(self) -> None:
+        """Wait until every queued update has been sent."""
+        self._q.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._q.get()]
+            while True:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            live = [it for it in items if it is not None]
+            try:
+                if live:
+                    keys = np.concatenate([k for k, _ in live])
+                    prios = np.concatenate([p for _, p in live])
+                    self._fn(keys, prios)
+                    self.calls += 1
+            except Exception as exc:  # noqa: BLE001 - a replay hiccup must not stop training
+                self.failures += 1
+                if self.failures <= 3 or self.failures % 100 == 0:
+                    log_.warning("update_priorities failed (%d so far): %s", self.failures, exc)
+            finally:
+                for _ in items:
+                    self._q.task_done()
+            if len(live) < len(items):
+                return
+
+
+class _Poller:
+    """Background thread calling ``poll_external()`` every ``period`` seconds, so a
+    slow actor or replay answer never stalls an update. Keeps the newest answer and
+    accumulates the finished episodes of every answer until `take` collects them."""
+
+    def __init__(self, fn: Callable[[], dict], period: float):
+        self._fn, self._period = fn, period
+        self._lock = threading.Lock()
+        self._latest: dict[str, Any] = {}
+        self._episodes: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apex-poll", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poll_now(self) -> None:
+        try:
+            stats = dict(self._fn())
+        except Exception as exc:  # noqa: BLE001 - keep the last good answer
+            log_.warning("poll_external failed: %s", exc)
+            return
+        with self._lock:
+            self._episodes.extend((float(r), int(n)) for r, n in stats.pop("episodes", []))
+            self._latest = stats
+
+    def take(self) -> tuple[dict[str, Any], list[tuple[float, int]]]:
+        with self._lock:
+            episodes, self._episodes = self._episodes, []
+            return dict(self._latest), episodes
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_now()
+            self._stop.wait(self._period)
+
+
+class TrainLoop:
+    """Runs the learner until told to stop; see `run` for the steps.
+
+    cfg:               the run's `Config` (learner.publish_seconds,
+                       learner.checkpoint_minutes, run.log_every, run.max_seconds,
+                       run.max_frames, replay.beta, replay.beta_anneal_updates)
+    learner:           the `Learner` (already restored when resuming)
+    sample:            ``sample(beta) -> SampleBatch | None``; None = no batch yet
+                       (replay below min_replay, rate-limited, timeout). Should block
+                       at most about a second so that stop requests are seen.
+    update_priorities: ``(keys int64[B], priorities float32[B]) -> None``; called
+                       from a background thread (see `PriorityWriter`)
+    publish:           ``(version, weights dict[str, float32 ndarray]) -> None``
+    poll_external:     ``() -> dict`` with run totals from the actors and replay:
+                       ``frames``, ``transitions`` (this run's totals),
+                       ``episodes`` (list of (raw return, length) finished since the
+                       previous call), ``replay_size``, ``inserted``,
+                       ``epsilon_min``, ``epsilon_max``; missing keys are treated as
+                       0 / unknown. Called from a background thread every
+                       ``poll_seconds``.
+    metrics:           `Metrics` sink (the loop does not close it)
+    checkpoint_path:   written every ``checkpoint_minutes`` and at exit (atomic)
+    counters:          the ``counters`` of a resumed checkpoint: frames,
+                       transitions, episodes, weight_version, elapsed_s and
+                       recent_returns continue from there
+    log:               console sink for the progress line (default print)
+    env_id:            canonical game id stored in checkpoints (default: resolved
+                       from ``cfg.env``)
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        learner: Learner,
+        sample: Callable[[float], SampleBatch | None],
+        update_priorities: Callable[[np.ndarray, np.ndarray], None],
+        publish: Callable[[int, dict], None],
+        poll_external: Callable[[], dict],
+        metrics: Metrics,
+        checkpoint_path: str,
+        counters: dict | None = None,
+        log: Callable[[str], None] = print,
+        env_id: str | None = None,
+        poll_seconds: float = 1.0,
+        metrics_seconds: float | None = None,
+    ):
+        self.cfg, self.learner = cfg, learner
+        self.sample, self.publish = sample, publish
+        self.metrics, self.checkpoint_path, self.log = metrics, checkpoint_path, log
+        self.metrics_seconds = metrics_seconds or min(cfg.run.log_every, 5.0)
+        if env_id is None:
+            from common.env import resolve_env
+
+            env_id = resolve_env(cfg.env.env, cfg.env).env_id
+        self.env_id = env_id
+        base = dict(counters or {})
+        self.base_frames = int(base.get("frames", 0))
+        self.base_transitions = int(base.get("transitions", 0))
+        self.base_elapsed = float(base.get("elapsed_s", 0.0))
+        self.episodes = int(base.get("episodes", 0))
+        self.weight_version = int(base.get("weight_version", 0))
+        self.recent: deque[float] = deque(
+            (float(r) for r in base.get("recent_returns", [])), maxlen=RECENT_EPISODES
+        )
+        self.external: dict[str, Any] = {}
+        self.last_step: dict[str, Any] = {}
+        self.published_at_update = learner.updates
+        self._last_rates: dict[str, float] = {}
+        self._prio = PriorityWriter(update_priorities)
+        self._poller = _Poller(poll_external, poll_seconds)
+
+    # ---- derived values -------------------------------------------------------
+    @property
+    def frames(self) -> int:
+        """Env frames, resumed runs included."""
+        return self.base_frames + int(self.external.get("frames", 0))
+
+    @property
+    def transitions(self) -> int:
+        return self.base_transitions + int(self.external.get("transitions", 0))
+
+    def beta(self) -> float:
+        """Importance exponent: ``replay.beta`` -> 1 linearly over
+        ``beta_anneal_updates`` learner updates (counted from the run's start,
+        resumed updates included)."""
+        b0, n = self.cfg.replay.beta, self.cfg.replay.beta_anneal_updates
+        return b0 + (1.0 - b0) * min(1.0, self.learner.updates / n)
+
+    def counters(self, elapsed: float) -> dict[str, Any]:
+        """What a checkpoint stores to continue the counters (plain values only)."""
+        return {
+            "updates": self.learner.updates,
+            "frames": self.frames,
+            "transitions": self.transitions,
+            "episodes": self.episodes,
+            "weight_version": self.weight_version,
+            "elapsed_s": self.base_elapsed + elapsed,
+            "recent_returns": list(self.recent),
+        }
+
+    def mean_return(self) -> float | None:
+        return float(np.mean(self.recent)) if self.recent else None
+
+    # ---- the loop -------------------------------------------------------------
+    def run(self, stop: threading.Event) -> dict[str, Any]:
+        """Train until ``stop`` is set, ``run.max_seconds`` have passed in this run, or
+        ``run.max_frames`` env frames (resumed ones included) were reached.
+
+        Each iteration, each block timed:
+          1. absorb the newest ``poll_external`` answer (taken by a background
+             thread): frame totals, finished episodes -> TensorBoard/Ray;
+          2. stop check;
+          3. ``sample(beta)`` — the time spent here is the data wait
+             (``data_wait_fraction`` = wait / wall time of the metrics window);
+          4. ``learner.step(batch)`` (``step_time_s``; the target network is copied
+             inside `Learner` every ``target_update`` updates);
+          5. new priorities queued to the background `PriorityWriter`
+             (fire-and-forget; the next update does not wait);
+          6. every ``publish_seconds``, when there were updates:
+             ``publish(version + 1, weights)`` (``publish_latency_s``);
+          7. every ``checkpoint_minutes``: atomic checkpoint (``checkpoint_s``);
+          8. every ``metrics_seconds``: scalars; every ``log_every``: progress line.
+        At exit (also on an exception): stop polling, flush the priority writer,
+        write the final checkpoint, record the last metrics.
+        Returns the summary: frames, transitions, updates, weight_version,
+        episodes, mean_return / max_return (raw, last 100 episodes, None if
+        none), frames_per_s, updates_per_s (this run), checkpoint (path),
+        stop_reason, data_wait_fraction (whole run).
+        """
+        lc, rc = self.cfg.learner, self.cfg.run
+        start = time.monotonic()
+        self._poller.poll_now()
+        self._absorb()
+        start_frames, start_updates = self.frames, self.learner.updates
+        self._prio.start()
+        self._poller.start()
+        win = _Window(start, self.frames, self.learner.updates, self._inserted())
+        total_wait = 0.0
+        next_publish = start + lc.publish_seconds
+        next_ckpt = start + 60.0 * lc.checkpoint_minutes
+        next_metrics = start + self.metrics_seconds
+        next_log = start + rc.log_every
+        reason = "error"
+        try:
+            while True:
+                self._absorb()
+                now = time.monotonic()
+                reason = self._stop_reason(stop, now - start)
+                if reason:
+                    break
+                t0 = time.monotonic()
+                batch = self.sample(self.beta())
+                t1 = time.monotonic()
+                if batch is None and t1 - t0 < 0.005:
+                    stop.wait(0.01)  # a non-blocking sampler: do not spin
+                    t1 = time.monotonic()
+                win.wait += t1 - t0
+                total_wait += t1 - t0
+                if batch is not None:
+                    out = self.learner.step(batch)
+                    t2 = time.monotonic()
+                    win.step += t2 - t1
+                    win.sampled += len(batch)
+                    for k in _STEP_SCALARS:
+                        win.sums[k] += out[k]
+                    self._prio.put(batch.keys, out.pop("priorities"))
+                    self.last_step = out
+                now = time.monotonic()
+                if now >= next_publish:
+                    self._publish(win)
+                    next_publish = now + lc.publish_seconds
+                if now >= next_ckpt:
+                    self._checkpoint(now - start)
+                    next_ckpt = time.monotonic() + 60.0 * lc.checkpoint_minutes
+                if now >= next_metrics:
+                    self._record(win)
+                    win = _Window(now, self.frames, self.learner.updates, self._inserted())
+                    next_metrics = now + self.metrics_seconds
+                if now >= next_log:
+                    self.log(f"[apex] {progress_line(self.snapshot())}")
+                    next_log = now + rc.log_every
+        finally:
+            self._poller.close()
+            self._prio.close()
+            self._poller.poll_now()
+            self._absorb()
+            elapsed = time.monotonic() - start
+            path = self._checkpoint(elapsed)
+            self._record(win)
+            self.metrics.flush()
+        elapsed = max(time.monotonic() - start, 1e-9)
+        recent = list(self.recent)
+        summary = {
+            "frames": self.frames,
+            "transitions": self.transitions,
+            "updates": self.learner.updates,
+            "weight_version": self.weight_version,
+            "episodes": self.episodes,
+            "mean_return": float(np.mean(recent)) if recent else None,
+            "max_return": float(np.max(recent)) if recent else None,
+            "frames_per_s": (self.frames - start_frames) / elapsed,
+            "updates_per_s": (self.learner.updates - start_updates) / elapsed,
+            "data_wait_fraction": total_wait / elapsed,
+            "elapsed_s": elapsed,
+            "checkpoint": path,
+            "stop_reason": reason,
+            "priority_update_failures": self._prio.failures,
+        }
+        self.log(f"[apex] stopped ({reason}): {progress_line(self.snapshot())}")
+        return summary
+
+    # ---- steps ----------------------------------------------------------------
+    def _stop_reason(self, stop: threading.Event, elapsed: float) -> str:
+        rc = self.cfg.run
+        if stop.is_set():
+            return "stop requested"
+        if rc.max_seconds and elapsed >= rc.max_seconds:
+            return f"max_seconds={rc.max_seconds:g} reached"
+        if rc.max_frames and self.frames >= rc.max_frames:
+            return f"max_frames={rc.max_frames} reached"
+        return ""
+
+    def _absorb(self) -> None:
+        stats, episodes = self._poller.take()
+        if stats:
+            self.external = stats
+        for ret, length in episodes:
+            self.episodes += 1
+            self.recent.append(ret)
+            self.metrics.record({"episode_return": ret, "episode_length": length}, self.frames)
+
+    def _inserted(self) -> int:
+        return int(self.external.get("inserted", 0))
+
+    def _publish(self, win: _Window) -> None:
+        if self.learner.updates == self.published_at_update:
+            return  # nothing new to send
+        t0 = time.monotonic()
+        self.weight_version += 1
+        self.publish(self.weight_version, self.learner.get_weights())
+        win.publish_latency = time.monotonic() - t0
+        self.published_at_update = self.learner.updates
+
+    def _checkpoint(self, elapsed: float) -> str:
+        t0 = time.monotonic()
+        path = save_checkpoint(
+            self.checkpoint_path,
+            self.learner.state_dict(),
+            self.counters(elapsed),
+            self.cfg.to_dict(),
+            self.env_id,
+            self.learner.num_actions,
+        )
+        self.metrics.scalar("checkpoint_s", time.monotonic() - t0, self.frames)
+        return path
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current values for `progress_line` and the metrics."""
+        ext = self.external
+        return {
+            "env_frames": self.frames,
+            "updates": self.learner.updates,
+            "replay_size": ext.get("replay_size"),
+            "mean_return": self.mean_return(),
+            "recent_episodes": len(self.recent),
+            "episodes": self.episodes,
+            "weight_version": self.weight_version,
+            "loss": self.last_step.get("loss"),
+            "epsilon_min": ext.get("epsilon_min"),
+            "epsilon_max": ext.get("epsilon_max"),
+            "env_frames_per_s": self._last_rates.get("env_frames_per_s", 0.0),
+            "updates_per_s": self._last_rates.get("updates_per_s", 0.0),
+            "data_wait_fraction": self._last_rates.get("data_wait_fraction"),
+        }
+
+    def _record(self, win: _Window) -> None:
+        now = time.monotonic()
+        wall = max(now - win.start, 1e-9)
+        updates = self.learner.updates - win.updates
+        inserted = self._inserted() - win.inserted
+        rates = {
+            "env_frames_per_s": (self.frames - win.frames) / wall,
+            "updates_per_s": updates / wall,
+            "data_wait_fraction": min(1.0, win.wait / wall),
+        }
+        self._last_rates = rates
+        values: dict[str, Any] = {
+            **rates,
+            "samples_per_insert": win.sampled / inserted if inserted > 0 else None,
+            "step_time_s": win.step / updates if updates else None,
+            "publish_latency_s": win.publish_latency,
+            "weight_version": self.weight_version,
+            "beta": self.beta(),
+            "env_frames": self.frames,
+            "updates": self.learner.updates,
+            "episodes": self.episodes,
+            "replay_size": self.external.get("replay_size"),
+            "epsilon_min": self.external.get("epsilon_min"),
+            "epsilon_max": self.external.get("epsilon_max"),
+        }
+        steps = self.learner.updates - win.updates
+        if steps:
+            for k in _STEP_SCALARS:
+                values[k] = win.sums[k] / steps
+        self.metrics.record(values, self.frames)
+
+
+class _Window:
+    """Accumulators of one metrics window."""
+
+    def __init__(self, start: float, frames: int, updates: int, inserted: int):
+        self.start, self.frames, self.updates, self.inserted = start, frames, updates, inserted
+        self.wait = 0.0
+        self.step = 0.0
+        self.sampled = 0
+        self.publish_latency: float | None = None
+        self.sums = dict.fromkeys(_STEP_SCALARS, 0.0)
+
+
+_STEP_SCALARS = ("loss", "q_mean", "td_abs_mean", "grad_norm")

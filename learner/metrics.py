@@ -1,0 +1,130 @@
+"""Training metrics: TensorBoard scalars and Ray gauges under one list of names.
+
+`METRICS` is the single list of metric names (with descriptions) used by the
+training loop, TensorBoard (tag = the name) and Ray (``ray.util.metrics.Gauge``
+named ``apex_<name>``, exported by Ray as ``ray_apex_<name>``). Recording a name
+not in the list is an error, so dashboards and code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+METRICS: dict[str, str] = {
+    "episode_return": "raw (unclipped) score of a finished episode",
+    "episode_length": "agent steps of a finished episode",
+    "env_frames_per_s": "emulator frames per second, all actors together",
+    "updates_per_s": "learner updates per second",
+    "loss": "mean importance-weighted Huber loss",
+    "q_mean": "mean Q(s, a) of the taken actions in the batch",
+    "td_abs_mean": "mean |TD error| of the batch (new priorities)",
+    "grad_norm": "gradient norm before clipping",
+    "replay_size": "transitions stored in the replay, all shards",
+    "samples_per_insert": "transitions sampled per transition inserted (replay ratio)",
+    "data_wait_fraction": "fraction of learner wall time spent waiting for a batch",
+    "weight_version": "version of the newest published weights",
+    "epsilon_min": "smallest actor exploration rate",
+    "epsilon_max": "largest actor exploration rate",
+    "publish_latency_s": "seconds to copy and publish one weight version",
+    "step_time_s": "mean seconds per learner update (compute, no data wait)",
+    "checkpoint_s": "seconds to write the last checkpoint",
+    "beta": "importance-sampling exponent in use",
+    "env_frames": "emulator frames so far, all actors (resumed runs included)",
+    "updates": "learner updates so far",
+    "episodes": "finished episodes so far",
+}
+
+
+class Metrics:
+    """Writes each scalar to TensorBoard (when ``logdir``) and to a Ray gauge (when
+    ``use_ray`` and Ray is initialised in this process). Not thread-safe.
+
+    scalar(name, value, step):  one value (step: env frames, the x axis of every plot)
+    record(values, step):       several; keys not in `METRICS` raise ValueError,
+                                None / NaN values are skipped
+    """
+
+    def __init__(self, logdir: str | None, use_ray: bool = False):
+        self.logdir = logdir
+        self._writer: Any = None
+        if logdir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=logdir, flush_secs=10)
+        self._use_ray = use_ray
+        self._gauges: dict[str, Any] = {}
+
+    def scalar(self, name: str, value: float | int | None, step: int) -> None:
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; add it to learner.metrics.METRICS")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        if self._writer is not None:
+            self._writer.add_scalar(name, float(value), global_step=int(step))
+        gauge = self._gauge(name)
+        if gauge is not None:
+            gauge.set(float(value))
+
+    def record(self, values: dict[str, float | int | None], step: int) -> None:
+        for name, value in values.items():
+            self.scalar(name, value, step)
+
+    def _gauge(self, name: str) -> Any:
+        if not self._use_ray:
+            return None
+        if name in self._gauges:
+            return self._gauges[name]
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.util.metrics import Gauge
+
+        gauge = Gauge(f"apex_{name}", description=METRICS[name])
+        self._gauges[name] = gauge
+        return gauge
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def progress_line(s: dict[str, Any]) -> str:
+    """One console line from a loop snapshot (missing keys are left out), e.g.
+    ``frames 1.20M (3.40K frames/s) | updates 12.30K (19.1 updates/s) | replay 200.00K | return
+    -20.1 (last 100 of 57) | weights v42 | loss 0.0123 | wait 12% | eps 0.0002-0.4``."""
+    parts: list[str] = []
+    if "env_frames" in s:
+        fps = _si(s.get("env_frames_per_s", 0.0))
+        parts.append(f"frames {_si(s['env_frames'])} ({fps} frames/s)")
+    if "updates" in s:
+        parts.append(f"updates {_si(s['updates'])} ({s.get('updates_per_s', 0.0):.1f} updates/s)")
+    if "replay_size" in s:
+        parts.append(f"replay {_si(s['replay_size'])}")
+    if s.get("mean_return") is not None:
+        parts.append(
+            f"return {s['mean_return']:.1f} (last {s.get('recent_episodes', 0)} "
+            f"of {s.get('episodes', 0)})"
+        )
+    if "weight_version" in s:
+        parts.append(f"weights v{s['weight_version']}")
+    if s.get("loss") is not None:
+        parts.append(f"loss {s['loss']:.4f}")
+    if s.get("data_wait_fraction") is not None:
+        parts.append(f"wait {100 * s['data_wait_fraction']:.0f}%")
+    if s.get("epsilon_min") is not None and s.get("epsilon_max") is not None:
+        parts.append(f"eps {s['epsilon_min']:.2g}-{s['epsilon_max']:.2g}")
+    return " | ".join(parts)

@@ -1,0 +1,137 @@
+"""Checkpoints: exact resume, foreign and corrupt files refused, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import learner.checkpoint as ckpt_mod
+from learner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from learner.learner import Learner
+from tests.test_learner import make_batch, make_cfg
+
+COUNTERS = {
+    "updates": 3,
+    "frames": 123_456,
+    "transitions": 30_000,
+    "episodes": 17,
+    "weight_version": 5,
+    "elapsed_s": 61.5,
+    "recent_returns": [1.0, -1.0, 1.0],
+}
+
+
+def trained(steps: int = 3, optimizer: str = "adam") -> Learner:
+    learner = Learner(make_cfg(optimizer=optimizer, target_update=2), 3, "cpu")
+    for i in range(steps):
+        learner.step(make_batch(i))
+    return learner
+
+
+def save(learner: Learner, path: str, env_id: str = "ApexCatch-v0", actions: int = 3) -> str:
+    cfg = make_cfg()
+    return save_checkpoint(path, learner.state_dict(), COUNTERS, cfg.to_dict(), env_id, actions)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_resume_restores_counters_and_optimizer_exactly(tmp_path, optimizer: str) -> None:
+    a = trained(3, optimizer)
+    path = save(a, str(tmp_path / "c.pt"))
+    state = load_checkpoint(path, expect_env="ApexCatch-v0", expect_actions=3)
+    assert state["counters"] == COUNTERS
+    assert state["config"]["env"]["env"] == "ApexCatch-v0"
+
+    b = Learner(make_cfg(optimizer=optimizer, target_update=2), 3, "cpu")
+    b.online.torso[0].weight.data.add_(1.0)  # make sure loading overwrites everything
+    b.load_state_dict(state)
+    assert b.updates == a.updates == 3
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for name, value in sa["state"][k].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb["state"][k][name]))
+    # the next update is bit-identical: same params, same moments, same target
+    batch = make_batch(99)
+    out_a, out_b = a.step(batch), b.step(batch)
+    assert out_a["loss"] == out_b["loss"] and b.updates == 4
+    for pa, pb in zip(a.online.parameters(), b.online.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(a.target.parameters(), b.target.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_contents_load_with_weights_only_and_rng_round_trips(tmp_path) -> None:
+    path = save(trained(1), str(tmp_path / "c.pt"))
+    raw = torch.load(path, weights_only=True)  # nothing beyond tensors and plain values
+    assert raw["format"] == "apex-dqn-checkpoint" and raw["num_actions"] == 3
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = ckpt_mod.rng_state()
+    expect = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt_mod.set_rng_state(state)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expect[0], got[0])
+    np.testing.assert_array_equal(expect[1], got[1])
+    assert expect[2] == got[2]
+
+
+def test_other_game_and_action_count_refused(tmp_path) -> None:
+    path = save(trained(1), str(tmp_path / "c.pt"))
+    with pytest.raises(CheckpointError, match=r"trained on ApexCatch-v0, not ALE/Pong-v5"):
+        load_checkpoint(path, expect_env="ALE/Pong-v5")
+    with pytest.raises(CheckpointError, match=r"has 3 actions .* the environment has 6"):
+        load_checkpoint(path, expect_actions=6)
+    pong = save(trained(1), str(tmp_path / "p.pt"), env_id="ALE/Pong-v5", actions=3)
+    assert load_checkpoint(pong, expect_env="pong")["env_id"] == "ALE/Pong-v5"  # same game
+    with pytest.raises(CheckpointError, match=r"ALE/Pong-v5, not PongNoFrameskip-v4"):
+        load_checkpoint(pong, expect_env="PongNoFrameskip-v4")
+
+
+def test_corrupt_truncated_missing_and_pickled_refused(tmp_path) -> None:
+    path = save(trained(1), str(tmp_path / "c.pt"))
+    data = open(path, "rb").read()
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"t\.pt is unreadable .*truncated, corrupt"):
+        load_checkpoint(str(truncated))
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(str(garbage))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": {}}, plain)
+    with pytest.raises(CheckpointError, match="not an apex-dqn checkpoint"):
+        load_checkpoint(str(plain))
+    pickled = tmp_path / "evil.pt"
+    torch.save({"format": "apex-dqn-checkpoint", "x": Unsafe()}, pickled)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(str(pickled))
+
+
+class Unsafe:
+    """A class weights_only loading must refuse to instantiate."""
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    path = save(trained(1), str(tmp_path / "c.pt"))
+    before = open(path, "rb").read()
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save(trained(1), path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temp file left behind
+    monkeypatch.undo()
+    assert load_checkpoint(path)["counters"]["updates"] == 3

@@ -1,0 +1,91 @@
+"""Metrics: TensorBoard event files hold the named scalars; Ray gauges; console line."""
+
+from __future__ import annotations
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from learner.metrics import METRICS, Metrics, progress_line
+
+REQUIRED = [
+    "episode_return",
+    "episode_length",
+    "env_frames_per_s",
+    "updates_per_s",
+    "loss",
+    "q_mean",
+    "td_abs_mean",
+    "replay_size",
+    "samples_per_insert",
+    "data_wait_fraction",
+    "weight_version",
+    "epsilon_min",
+    "epsilon_max",
+    "publish_latency_s",
+    "env_frames",
+    "updates",
+]
+
+
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_named_scalars(tmp_path) -> None:
+    assert set(REQUIRED) <= set(METRICS)
+    m = Metrics(str(tmp_path), use_ray=False)
+    m.record({name: float(i) for i, name in enumerate(REQUIRED)}, step=100)
+    m.scalar("loss", 0.25, step=200)
+    m.scalar("q_mean", None, step=200)  # skipped
+    m.scalar("q_mean", float("nan"), step=300)  # skipped
+    with pytest.raises(ValueError, match="unknown metric 'lose'"):
+        m.scalar("lose", 1.0, step=1)
+    m.close()
+    scalars = read_scalars(str(tmp_path))
+    assert set(REQUIRED) <= set(scalars)
+    assert scalars["loss"] == [(100, pytest.approx(4.0)), (200, pytest.approx(0.25))]
+    assert scalars["q_mean"] == [(100, pytest.approx(5.0))]
+    assert scalars["updates"] == [(100, pytest.approx(15.0))]
+
+
+def test_without_logdir_or_ray_nothing_is_written(tmp_path) -> None:
+    m = Metrics(None, use_ray=True)  # Ray not initialised in this test: no gauges
+    m.record({"loss": 1.0}, step=1)
+    assert m._gauges == {}
+    m.close()
+
+
+def test_ray_gauges_named_apex(ray_local) -> None:
+    m = Metrics(None, use_ray=True)
+    m.record({"loss": 0.5, "updates_per_s": 12.0}, step=10)
+    assert set(m._gauges) == {"loss", "updates_per_s"}
+    assert m._gauges["loss"].info["name"] == "apex_loss"
+    m.close()
+
+
+def test_progress_line() -> None:
+    line = progress_line(
+        {
+            "env_frames": 1_234_567,
+            "env_frames_per_s": 3400.0,
+            "updates": 12_345,
+            "updates_per_s": 19.14,
+            "replay_size": 200_000,
+            "mean_return": -20.06,
+            "recent_episodes": 100,
+            "episodes": 157,
+            "weight_version": 42,
+            "loss": 0.01234,
+            "data_wait_fraction": 0.12,
+            "epsilon_min": 0.0002,
+            "epsilon_max": 0.4,
+        }
+    )
+    assert line == (
+        "frames 1.23M (3.40K frames/s) | updates 12.35K (19.1 updates/s) | replay 200.00K | "
+        "return -20.1 (last 100 of 157) | weights v42 | loss 0.0123 | wait 12% | "
+        "eps 0.0002-0.4"
+    )
+    assert progress_line({"updates": 0, "mean_return": None}) == "updates 0 (0.0 updates/s)"

@@ -1,0 +1,101 @@
+"""The DQN maths on tiny hand-made inputs (targets, loss, weights, dueling head)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.network import QNetwork
+from learner.losses import dqn_loss, td_targets
+
+GAMMA = 0.99
+
+# online picks action 1 in row 0 (value 5) and action 0 in row 1; target evaluates
+ONLINE_NEXT = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.0, 1.0], [0.0, 0.0, 4.0]])
+TARGET_NEXT = torch.tensor([[10.0, 20.0, 30.0], [7.0, 8.0, 9.0], [1.0, 2.0, -3.0]])
+
+
+@pytest.mark.parametrize(
+    ("double", "expected"),
+    [
+        # row 0: 2-step, bootstraps Q_target(s', argmax online = 1) = 20 (double) or max 30
+        # row 1: terminal within n steps: discount 0, no bootstrap
+        # row 2: 3-step, double picks action 2 -> -3, plain takes max 2
+        (True, [1.0 + GAMMA**2 * 20.0, 0.5, 0.25 + GAMMA**3 * -3.0]),
+        (False, [1.0 + GAMMA**2 * 30.0, 0.5, 0.25 + GAMMA**3 * 2.0]),
+    ],
+)
+def test_td_targets_double_and_plain(double: bool, expected: list[float]) -> None:
+    returns = torch.tensor([1.0, 0.5, 0.25])
+    discounts = torch.tensor([GAMMA**2, 0.0, GAMMA**3])
+    got = td_targets(ONLINE_NEXT, TARGET_NEXT, returns, discounts, double=double)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    assert not got.requires_grad
+
+
+def test_td_targets_carry_no_gradient() -> None:
+    online = ONLINE_NEXT.clone().requires_grad_(True)
+    target = TARGET_NEXT.clone().requires_grad_(True)
+    got = td_targets(online, target, torch.zeros(3), torch.ones(3))
+    assert not got.requires_grad
+
+
+def test_nstep_return_and_discount_from_rewards() -> None:
+    # rewards 1, 0, 1 over n=3 steps -> R = 1 + 0.99^2, discount 0.99^3
+    rewards = [1.0, 0.0, 1.0]
+    ret = sum(GAMMA**k * r for k, r in enumerate(rewards))
+    got = td_targets(
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([[4.0, 2.0]]),
+        torch.tensor([ret]),
+        torch.tensor([GAMMA**3]),
+    )
+    assert got.item() == pytest.approx(1.0 + 0.9801 + 0.970299 * 2.0, rel=1e-6)
+
+
+def test_huber_loss_weighted_on_taken_action() -> None:
+    q = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    actions = torch.tensor([1, 0])
+    targets = torch.tensor([2.5, 0.0])
+    weights = torch.tensor([1.0, 0.5])
+    loss, td_abs = dqn_loss(q, actions, targets, weights)
+    # errors: 2 - 2.5 = -0.5 (quadratic: 0.125), 3 - 0 = 3 (linear: 3 - 0.5 = 2.5)
+    assert loss.item() == pytest.approx((1.0 * 0.125 + 0.5 * 2.5) / 2)
+    np.testing.assert_allclose(td_abs.numpy(), [0.5, 3.0])
+    loss.backward()
+    # d/dq: row 0 = w * err / B = -0.25; row 1 = w * clip(err, 1) / B = 0.25
+    np.testing.assert_allclose(q.grad.numpy(), [[0.0, -0.25], [0.25, 0.0]])
+
+
+def test_zero_weight_row_contributes_no_gradient() -> None:
+    torch.manual_seed(0)
+    net = QNetwork(4, dueling=True)
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    actions = torch.tensor([2, 1])
+    targets = torch.tensor([1.0, -3.0])
+
+    loss, _ = dqn_loss(net(obs), actions, targets, torch.tensor([1.0, 0.0]))
+    net.zero_grad()
+    loss.backward()
+    both = [p.grad.clone() for p in net.parameters()]
+
+    loss_one, _ = dqn_loss(net(obs[:1]), actions[:1], targets[:1], torch.tensor([1.0]))
+    net.zero_grad()
+    loss_one.backward()
+    # the mean runs over B = 2 rows: the zero-weight row only halves the average
+    for g2, g1 in zip(both, net.parameters(), strict=True):
+        torch.testing.assert_close(g2 * 2, g1.grad, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in both)
+
+
+@pytest.mark.parametrize("dueling", [True, False])
+def test_network_output_shape_and_dueling_identity(dueling: bool) -> None:
+    torch.manual_seed(1)
+    net = QNetwork(6, dueling=dueling)
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    q = net(obs)
+    assert q.shape == (3, 6) and q.dtype == torch.float32
+    if dueling:  # Q = V + A - mean(A): the mean over actions is V
+        value = net.value(net.torso(obs.float() / 255.0)).squeeze(1)
+        torch.testing.assert_close(q.mean(dim=1), value, rtol=1e-5, atol=1e-6)
