@@ -138,6 +138,7 @@ class ApexActor:
         # ALE takes int32 seeds and seeds env j with seed + j: keep well below 2**31.
         self.env_seed = int(env_seed >> 2)
         self._env = make_vector_env(cfg.env, self.num_envs, seed=self.env_seed, num_threads=1)
+        self.frame_skip = self._env.frame_skip  # emulator frames per env step
         self.num_actions = self._env.num_actions
         torch.manual_seed(int(torch_seed))
         self._policy = ActingNetwork(
@@ -179,7 +180,9 @@ class ApexActor:
             t_inf = time.perf_counter()
             if self._pending is not None:
                 self._queue(self._pending.complete(q))
-            self._eps = self.exploration.epsilons(4 * self._n["vector_steps"] * self.num_envs)
+            self._eps = self.exploration.epsilons(
+                self.frame_skip * self._n["vector_steps"] * self.num_envs
+            )
             actions = self.last_actions = epsilon_greedy(q, self._eps, self._rng)
             t1 = time.perf_counter()
             frames, raw, term, trunc, reset = self._env.step(actions)
@@ -226,7 +229,7 @@ class ApexActor:
             env_steps = n["vector_steps"] * self.num_envs
             return {
                 "actor": self.index,
-                "frames": 4 * env_steps,
+                "frames": self.frame_skip * env_steps,
                 "env_steps": env_steps,
                 "vector_steps": n["vector_steps"],
                 "transitions_pushed": n["pushed"],

@@ -139,7 +139,8 @@ class RunConfig:
     logdir: str = _f("", "checkpoints, TensorBoard logs and redis data; default runs/<game>-<time>")
     max_seconds: float = _f(0.0, "stop after this many seconds; 0 = no limit")
     max_frames: int = _f(
-        0, "stop after this many env frames (emulator frames, skip counted); 0 = no limit"
+        0,
+        "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
     )
     resume: str = _f("", "checkpoint file to continue from (counters, optimizer and schedules)")
     summary_json: str = _f("", "write a JSON summary of the run here at exit")

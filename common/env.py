@@ -38,6 +38,7 @@ from common.config import EnvConfig
 from common.types import FRAME_SHAPE
 
 CATCH_ID = "ApexCatch-v0"
+FRAME_SKIP = 4  # DeepMind preprocessing, applied to every ALE id
 
 
 class UnknownEnvError(ValueError):
@@ -152,6 +153,7 @@ class FrameEnv:
     ):
         self.spec = spec
         self.num_envs = num_envs
+        self.frame_skip = FRAME_SKIP if spec.kind == "ale" else 1  # emulator frames per step
         self._seed = seed
         self._done = np.zeros(num_envs, dtype=bool)
         if spec.kind == "ale":
@@ -162,7 +164,7 @@ class FrameEnv:
                 num_envs,
                 num_threads=num_threads,
                 stack_num=1,
-                frameskip=4,
+                frameskip=FRAME_SKIP,
                 maxpool=True,
                 noop_max=cfg.noop_max,
                 img_height=FRAME_SHAPE[0],

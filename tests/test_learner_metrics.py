@@ -51,9 +51,10 @@ def test_tensorboard_holds_the_named_scalars(tmp_path) -> None:
 
 
 def test_without_logdir_or_ray_nothing_is_written(tmp_path) -> None:
-    m = Metrics(None, use_ray=True)  # Ray not initialised in this test: no gauges
+    m = Metrics(None, use_ray=False)  # no TensorBoard dir, no Ray export: no sinks
     m.record({"loss": 1.0}, step=1)
     assert m._gauges == {}
+    assert not list(tmp_path.iterdir())
     m.close()
 
 
