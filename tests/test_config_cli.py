@@ -127,8 +127,13 @@ def test_cli_bad_input_fails_fast_with_a_clear_message(argv, fragment, tmp_path)
 
 def test_cli_unreachable_ray_address(tmp_path, redis_url):
     res = run_cli(
-        "train", "--ray-address", "127.0.0.1:1", "--redis-url", redis_url,
-        "--logdir", str(tmp_path / "run"),
+        "train",
+        "--ray-address",
+        "127.0.0.1:1",
+        "--redis-url",
+        redis_url,
+        "--logdir",
+        str(tmp_path / "run"),
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "cannot reach Ray at '127.0.0.1:1'" in res.stderr
