@@ -3,9 +3,9 @@
 `train(cfg)` steps:
   1. resolve the game (unknown ids fail here, before anything starts), read the
      action count, pick the logdir, load and check the resume checkpoint;
-  2. Redis: connect to ``--redis-url`` shard(s), or start one embedded
-     redis-server per shard with its data under LOGDIR/redis;
-  3. Ray: connect to ``--ray-address`` or start a local Ray;
+  2. Ray: connect to ``--ray-address`` or start a local Ray;
+  3. Redis: check the ``--redis-url`` shard(s) (before Ray starts), or start one
+     embedded redis-server per shard with its data under LOGDIR/redis;
   4. start the named Ray actors (weights store, replay shards, env actors;
      see `deploy.fleet`);
   5. run the learner's `TrainLoop` in this process (the driver takes the GPU when
@@ -63,10 +63,11 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
         f"{cfg.actor.actors} actors x {cfg.actor.envs_per_actor} envs, logdir {logdir}"
     )
 
+    _check_redis_urls(cfg)
     stop = threading.Event()
     with ExitStack() as stack:
-        urls = stack.enter_context(_redis(cfg, logdir, out))
         stack.enter_context(_ray(cfg, out))
+        urls = stack.enter_context(_redis(cfg, logdir, out))
         stack.enter_context(_signals(stop, out))
         summary = _run(cfg, urls, num_actions, resume_state, logdir, stop, out)
     if cfg.run.summary_json:
@@ -87,26 +88,44 @@ def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
         raise LaunchError(str(exc)) from None
 
 
+def _check_redis_urls(cfg: Config) -> None:
+    """Fail fast, before Ray starts, on a --redis-url nobody answers at."""
+    from replay_server.redis_proc import ReplayUnavailable, connect
+
+    for url in cfg.redis_urls():
+        try:
+            connect(url).close()
+        except ReplayUnavailable as exc:
+            raise LaunchError(str(exc)) from None
+
+
 @contextmanager
 def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[list[str]]:
-    from replay_server.redis_proc import EmbeddedRedis, ReplayUnavailable, connect
+    """The shard URLs: --redis-url, or embedded redis-servers for this run.
+
+    On a local Ray they bind 127.0.0.1. With --ray-address, actors may run on
+    other nodes, so they bind this node's IP and require a random password.
+    """
+    import secrets
+
+    import ray
+
+    from replay_server.redis_proc import EmbeddedRedis, redact
 
     urls = cfg.redis_urls()
     if urls:
-        for url in urls:
-            try:
-                connect(url).close()
-            except ReplayUnavailable as exc:
-                raise LaunchError(str(exc)) from None
         yield urls
         return
+    host, password = "127.0.0.1", None
+    if cfg.run.ray_address:
+        host, password = ray.util.get_node_ip_address(), secrets.token_hex(16)
     servers: list[Any] = []
     try:
         for k in range(cfg.replay.shards):
             data_dir = Path(cfg.replay.data_dir or logdir / "redis") / f"shard-{k}"
             data_dir.mkdir(parents=True, exist_ok=True)
-            servers.append(EmbeddedRedis(str(data_dir)))
-        out(f"[apex] embedded redis-server: {', '.join(s.url for s in servers)}")
+            servers.append(EmbeddedRedis(str(data_dir), password=password, host=host))
+        out(f"[apex] embedded redis-server: {', '.join(redact(s.url) for s in servers)}")
         yield [s.url for s in servers]
     finally:
         for s in servers:

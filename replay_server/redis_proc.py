@@ -86,8 +86,10 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
 
 
 class EmbeddedRedis:
-    """A ``redis-server`` child process on 127.0.0.1, one per replay shard.
+    """A ``redis-server`` child process, one per replay shard.
 
+    ``host``: the address it binds (127.0.0.1 by default; the launcher binds the
+    node's IP, with a password, when actors on other nodes must reach it).
     ``data_dir``: where the AOF lives (None: a temporary directory removed on
     stop). Reusing a directory after a crash reloads its data. ``port=0``
     picks a free port. Use as a context manager or call :meth:`stop`.
@@ -100,15 +102,17 @@ class EmbeddedRedis:
         password: str | None = None,
         appendonly: bool = True,
         start_timeout: float = 20.0,
+        host: str = "127.0.0.1",
     ) -> None:
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="apex-redis-")
         self.data_dir = str(Path(data_dir or self._tmp).resolve())
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
+        self.host = host
         self.password = password
         self.binary = find_redis_server()
         conf = [
-            "bind 127.0.0.1",
+            f"bind {host}",
             f"port {self.port}",
             f'dir "{self.data_dir}"',
             "daemonize no",
@@ -142,7 +146,7 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int:
@@ -150,7 +154,7 @@ class EmbeddedRedis:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password)
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
