@@ -205,8 +205,10 @@ class ApexActor:
                 self._time["other"] += (t1 - t_inf) + (t3 - t2)
             if steps % a.push_every == 0:
                 self._flush()
-            if self._subscriber is not None and steps % a.weight_poll_steps == 0:
-                self._poll_weights()
+            if self._subscriber is not None and (
+                steps % a.weight_poll_steps == 0 or steps % a.push_every == 0
+            ):
+                self._poll_weights()  # non-blocking; after each push too, as pushes may wait
         if self._pending is not None and len(self._pending):
             t0 = time.perf_counter()
             self._queue(self._pending.complete(self._infer()))
@@ -412,6 +414,8 @@ class ApexActor:
         deadline = time.monotonic() + THROTTLE_MAX_S
         while pushed > budget and not self._stop.is_set() and time.monotonic() < deadline:
             self._stop.wait(THROTTLE_POLL_S)
+            if self._subscriber is not None:
+                self._poll_weights()  # a waiting actor still takes the newest weights
             try:
                 pushed, budget = self._writer.allowance()
             except _REPLAY_ERRORS:
