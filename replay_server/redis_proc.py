@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,16 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
     return client
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM (a clean shutdown, AOF flushed) when the driver dies, even
+    by kill -9, so no redis-server outlives its run. Elsewhere: a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process, one per replay shard.
 
@@ -135,7 +146,8 @@ class EmbeddedRedis:
             [self.binary, self.config_path],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True,  # Ctrl-C reaches the driver, which stops us in order
+            preexec_fn=_die_with_parent,
         )
         try:
             self._wait_ready(start_timeout)
