@@ -7,7 +7,8 @@ same run (same machine, same moment):
   (frames, records, frame groups, priority snapshot; Redis key overhead
   included) after inserting ``--transitions`` real Pong transitions, against
   naive stacked ``s, s'`` (2 x 4 x 84 x 84 = 56,448 B). ``memory_2m_*`` scales
-  it to a 2,000,000-transition replay (extrapolated, not measured).
+  it to a 2,000,000-transition replay (measured with ``--transitions 2000000``,
+  else extrapolated; the key says which).
 * ``insert_ratio``: transitions/s stored (2 writer processes pushing, the shard
   ingesting in this process; the whole backlog counted until drained) /
   transitions/s of 2 processes doing raw pipelined SETs (one per value) of the
@@ -196,7 +197,9 @@ def main() -> None:
         res["bytes_per_transition_goal"] = 600
         res["frames_per_transition"] = round(frames_pushed / size, 3)
         res["stored_transitions"] = size
-        res["memory_2m_redis_GB_extrapolated"] = round(bpt * 2e6 / 1e9, 2)
+        res["redis_used_GB_measured"] = round((used - base) / 1e9, 3)  # at stored_transitions
+        key = "measured" if size >= 2_000_000 else "extrapolated"
+        res[f"memory_2m_redis_GB_{key}"] = round(bpt * 2e6 / 1e9, 2)
         res["memory_2m_shard_process_GB_estimated"] = round(
             (shard._rec.itemsize + 4 + 16) * 2e6 / 1e9, 2
         )  # records + raw priorities + sum tree (2x leaves, float64), in the shard process
