@@ -214,8 +214,8 @@ def _learner_threads(cfg: Config, out: Callable[[str], None]) -> None:
     """CPU learner next to local actors: leave the actors their cores.
 
     torch's OpenMP threads spin-wait; when they outnumber the free cores an update
-    gets 10-30x slower (measured on 2 cores: 0.2 vs 6.5 updates/s at batch 32 with
-    2 vs 1 threads while actors ran). So unless --torch-threads says otherwise, a
+    gets 10-30x slower (measured on 2 cores at batch 32, 2 vs 1 threads: 1.4 vs
+    16.4 updates/s next to one busy process). So unless --torch-threads says otherwise, a
     CPU learner on a local Ray uses the cores that no actor takes.
     """
     import torch
