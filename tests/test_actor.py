@@ -187,15 +187,20 @@ def test_backoff_and_bounded_buffer_while_redis_is_down(tmp_path, caplog):
         assert s3["replay_ok"] and s3["transitions_buffered"] == 0
         assert s3["transitions_pushed"] >= s2["transitions_pushed"] + 100
         # the buffered transitions' frames were kept: every id resolves
-        _, batches, frames = read_replay(srv.url)
+        batches = assert_every_frame_id_resolves(srv.url)
         assert sum(len(b) for b in batches) == s3["transitions_pushed"]
-        for b in batches:
-            assert all(
-                int(f) in frames for f in np.concatenate([b.obs_ids, b.next_obs_ids]).ravel()
-            )
     finally:
         actor.close()
         srv.stop()
+
+
+def assert_every_frame_id_resolves(url: str) -> list:
+    """Every frame id of every stored batch names a stored frame; returns the batches."""
+    _, batches, frames = read_replay(url)
+    for b in batches:
+        ids = np.concatenate([b.obs_ids, b.next_obs_ids]).ravel()
+        assert all(int(f) in frames for f in ids)
+    return batches
 
 
 def test_actor_starts_while_redis_is_down(tmp_path):
@@ -210,11 +215,7 @@ def test_actor_starts_while_redis_is_down(tmp_path):
         time.sleep(0.3)  # past the first backoff
         s2 = actor.run(max_steps=10)
         assert s2["transitions_pushed"] > 0 and s2["incarnation"] is not None
-        _, batches, frames = read_replay(url)
-        for b in batches:
-            assert all(
-                int(f) in frames for f in np.concatenate([b.obs_ids, b.next_obs_ids]).ravel()
-            )
+        assert_every_frame_id_resolves(url)
     finally:
         actor.close()
         srv.stop()
