@@ -40,8 +40,15 @@ WEIGHTS_NAME = "apex-weights"
 
 
 def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
+    """Pin a zero-CPU actor (replay shard, weight store) to the driver's node.
+
+    Hard affinity on purpose: with an empty resource request Ray 2.60 treats a
+    soft node affinity as a hint and placed a shard on a worker node in about
+    half of the compose-as-processes runs. The driver's node is alive by
+    construction, and if it dies the run is over anyway.
+    """
     return NodeAffinitySchedulingStrategy(
-        node_id=ray.get_runtime_context().get_node_id(), soft=True
+        node_id=ray.get_runtime_context().get_node_id(), soft=False
     )
 
 

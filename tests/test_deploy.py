@@ -637,7 +637,8 @@ def test_compose_actors_run_on_the_worker_node(compose_run):
     replay = [v for k, v in obs.actors.items() if k.startswith("apex-replay-")]
     assert replay, f"no apex-replay-* actor seen: {sorted(obs.actors)}"
     assert all(r["node_id"] == obs.driver_node for r in replay), (
-        "replay shards left the driver's node"
+        f"replay shards left the driver's node {obs.driver_node} (heads {heads}, workers"
+        f" {workers}): {[(r['name'], r['node_id']) for r in replay]}\n{compose_run['driver_log']}"
     )
 
 
