@@ -155,15 +155,28 @@ class ApexActor:
         self._ep_return = np.zeros(self.num_envs, np.float64)
         self._ep_length = np.zeros(self.num_envs, np.int64)
         self._episodes: list[tuple[float, int]] = []
+        self._schedule_offset = 0  # frames of earlier incarnations / resumed runs
         self._eps = self.exploration.epsilons(0)
 
     # ---- public API ------------------------------------------------------
-    def run(self, max_steps: int | None = None, stop_after_seconds: float | None = None) -> dict:
+    def run(
+        self,
+        max_steps: int | None = None,
+        stop_after_seconds: float | None = None,
+        schedule_frames: int | None = None,
+    ) -> dict:
         """Step the envs until ``stop()``, ``max_steps`` vector steps or the time limit.
+
+        schedule_frames: env frames this actor index has produced before, over
+        earlier incarnations (a restart after a crash) and resumed runs; a
+        decaying epsilon schedule continues from there instead of starting over.
+        None keeps the current position.
 
         Returns ``stats(reset_episodes=False)``. May be called again to continue.
         """
         self._stop.clear()
+        if schedule_frames is not None:
+            self._schedule_offset = max(0, int(schedule_frames) - self._own_frames())
         a = self.cfg.actor
         deadline = time.monotonic() + stop_after_seconds if stop_after_seconds else None
         if not self._started:
@@ -180,9 +193,7 @@ class ApexActor:
             t_inf = time.perf_counter()
             if self._pending is not None:
                 self._queue(self._pending.complete(q))
-            self._eps = self.exploration.epsilons(
-                self.frame_skip * self._n["vector_steps"] * self.num_envs
-            )
+            self._eps = self.exploration.epsilons(self.schedule_frames())
             actions = self.last_actions = epsilon_greedy(q, self._eps, self._rng)
             t1 = time.perf_counter()
             frames, raw, term, trunc, reset = self._env.step(actions)
@@ -243,6 +254,7 @@ class ApexActor:
                 "weight_version": self.policy_version,
                 "epsilon_min": float(np.min(self._eps)),
                 "epsilon_max": float(np.max(self._eps)),
+                "schedule_frames": self._schedule_offset + self.frame_skip * env_steps,
                 "episode_returns": [r for r, _ in episodes],
                 "episode_lengths": [n_ for _, n_ in episodes],
                 "time": dict(self._time),
@@ -251,6 +263,14 @@ class ApexActor:
                 "seed_salt": self.seed_salt,
                 "inference_dtype": self._policy.dtype,
             }
+
+    def schedule_frames(self) -> int:
+        """Where the exploration schedule stands: frames of earlier incarnations
+        and resumed runs (``run(schedule_frames=...)``) plus this incarnation's."""
+        return self._schedule_offset + self._own_frames()
+
+    def _own_frames(self) -> int:
+        return self.frame_skip * self._n["vector_steps"] * self.num_envs
 
     def current_stacks(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the stacks the network sees next: uint8[E, 4, 84, 84] and their

@@ -7,7 +7,8 @@ actors with clear names (they show in the Ray dashboard under these names):
   apex-weights        WeightStore, num_cpus=0, on the driver's node
   apex-replay-<k>     ReplayShard k, num_cpus=0, on the driver's node
   apex-actor-<i>      ApexActor i, num_cpus=1, max_restarts=-1 (a crash or kill -9
-                      restarts it with the same index, hence the same epsilons)
+                      restarts it with the same index, hence the same epsilons,
+                      and a decaying epsilon schedule goes on where it was)
 
 `ActorFleet.poll()` collects stats from every actor without blocking for long,
 notices restarted actors (their ``run`` call fails with ActorDiedError or returns
@@ -87,7 +88,15 @@ class _ActorState:
 class ActorFleet:
     """Starts, watches and stops the ``apex-actor-<i>`` Ray actors."""
 
-    def __init__(self, cfg: Config, urls: list[str], weight_store: str = WEIGHTS_NAME):
+    def __init__(
+        self,
+        cfg: Config,
+        urls: list[str],
+        weight_store: str = WEIGHTS_NAME,
+        start_frames: int = 0,
+    ):
+        """start_frames: env frames of the run being resumed (all actors); each
+        actor's decaying epsilon schedule starts at its share of them."""
         from actors.actor import ApexActor
 
         self.cfg = cfg
@@ -99,8 +108,9 @@ class ActorFleet:
                 cfg, i, urls[i % len(urls)], weight_store, n
             )
             self.actors.append(_ActorState(index=i, handle=handle))
+        self.start_frames_each = max(0, int(start_frames)) // max(1, n)
         for a in self.actors:
-            a.run_ref = a.handle.run.remote()
+            a.run_ref = a.handle.run.remote(schedule_frames=self.start_frames_each)
         self.episodes_total = 0
         self.eps_range = (float("nan"), float("nan"))
 
@@ -156,7 +166,12 @@ class ActorFleet:
                 reason = type(exc).__name__
             a.restarts += 1
             log.warning("actor %d: %s; calling run again (restart %d)", a.index, reason, a.restarts)
-            a.run_ref = a.handle.run.remote()
+            # The schedule goes on from this index's frames so far (the actor's
+            # own counters start again at 0 when its process was restarted).
+            a.run_ref = a.handle.run.remote(schedule_frames=self._schedule_frames(a))
+
+    def _schedule_frames(self, a: _ActorState) -> int:
+        return self.start_frames_each + a.base["frames"] + int(a.last.get("frames", 0))
 
     def stop(self, timeout: float = 20.0) -> dict:
         """Ask every actor to stop, collect final stats, then kill the actors."""

@@ -295,7 +295,9 @@ def _run(
 
     metrics = Metrics(str(logdir / "tb"), use_ray=True)
     publish(0, learner.get_weights())  # actors start from the learner's weights
-    fleet = ActorFleet(cfg, urls)
+    fleet = ActorFleet(
+        cfg, urls, start_frames=int(((resume_state or {}).get("counters") or {}).get("frames", 0))
+    )
     loop = TrainLoop(
         cfg,
         learner,

@@ -300,3 +300,66 @@ def test_weights_are_polled_and_pushes_tagged(ray_local, redis_url):
     assert versions[0] == 0 and versions[-1] == 3 and versions == sorted(versions)
     actor.close()
     ray.kill(store)
+
+
+def linear_cfg(envs: int = 2, decay: int = 400) -> Config:
+    return make_cfg(
+        "ApexCatch-v0",
+        envs,
+        push_every=5,
+        exploration="linear",
+        eps_start=1.0,
+        eps_end=0.0,
+        eps_decay_frames=decay,
+    )
+
+
+def test_decaying_schedule_continues_from_schedule_frames(redis_url):
+    from actors.exploration import decayed_epsilon
+
+    actor = ApexActor(linear_cfg(), 0, redis_url)
+    try:
+        s1 = actor.run(max_steps=10)
+        assert s1["schedule_frames"] == s1["frames"] == 10 * 2  # Catch: 1 frame per step
+        s2 = actor.run(max_steps=5, schedule_frames=300)  # e.g. the frames of a crashed incarnation
+        assert s2["frames"] == 15 * 2
+        assert s2["schedule_frames"] == 300 + 5 * 2
+        # epsilons of the last step were set before it stepped (frames 300 + 4 steps x 2 envs)
+        expect = decayed_epsilon("linear", 1.0, 0.0, 400, 300 + 4 * 2)
+        assert actor.epsilons() == pytest.approx([expect, expect])
+        s3 = actor.run(max_steps=1)  # None: the schedule stays where it is
+        assert s3["schedule_frames"] == 300 + 6 * 2
+    finally:
+        actor.close()
+
+
+def test_fleet_restart_after_kill_continues_the_decaying_schedule(ray_local, redis_url):
+    import ray
+
+    from deploy.fleet import ActorFleet, start_weight_store
+
+    cfg = linear_cfg(decay=100_000)
+    cfg.actor.actors = 1
+    store = start_weight_store()
+    fleet = ActorFleet(cfg, [redis_url], start_frames=1000)
+    try:
+        deadline = time.monotonic() + 60
+        while fleet.poll(timeout=2.0)["frames"] < 200:
+            assert time.monotonic() < deadline, "the actor made no frames"
+        before = fleet.actors[0].last
+        assert before["schedule_frames"] == 1000 + before["frames"]  # the resumed share
+        os.kill(ray.get(fleet.actors[0].handle.pid.remote()), signal.SIGKILL)
+        while True:
+            assert time.monotonic() < deadline + 60, "the killed actor never ran again"
+            stats = fleet.poll(timeout=2.0)
+            last = fleet.actors[0].last
+            if fleet.actors[0].restarts and last.get("restarted") and last["frames"] > 0:
+                break
+        # The new incarnation counts its own frames from 0, but its schedule
+        # goes on from the frames of the first one (not from 0 or from 1000).
+        assert last["frames"] < before["frames"] + last["frames"] <= stats["frames"]
+        assert last["schedule_frames"] >= 1000 + before["frames"] + last["frames"]
+        assert last["epsilon_max"] < before["epsilon_max"]
+    finally:
+        fleet.stop()
+        ray.kill(store)
