@@ -212,8 +212,11 @@ def test_actor_starts_while_redis_is_down(tmp_path):
     assert s1["transitions_pushed"] == 0 and s1["pushes_failed"] >= 1 and s1["incarnation"] is None
     srv = EmbeddedRedis(str(tmp_path / "r"), port=port)
     try:
-        time.sleep(0.3)  # past the first backoff
+        deadline = time.monotonic() + 30  # the backoff (0.25 s, doubling) must run out
         s2 = actor.run(max_steps=10)
+        while s2["transitions_pushed"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            s2 = actor.run(max_steps=10)
         assert s2["transitions_pushed"] > 0 and s2["incarnation"] is not None
         assert_every_frame_id_resolves(url)
     finally:
@@ -258,7 +261,10 @@ def test_stop_from_another_thread_ends_run(redis_url):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(actor.run()))
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while not actor.stats(reset_episodes=False)["episode_returns"]:  # 9-step episodes
+        assert time.monotonic() < deadline and thread.is_alive(), "no episode ended"
+        time.sleep(0.05)
     mid = actor.stats(reset_episodes=True)
     actor.stop()
     thread.join(timeout=5)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.sampler import SLOT_MASK, ReplaySampler
@@ -57,6 +58,14 @@ def test_restart_after_kill_9_finds_transitions_and_priorities(tmp_path):
         assert line, "child shard process died"
         before = json.loads(line)
         time.sleep(2.0)  # appendfsync everysec: let the AOF reach the disk
+        client = redis.Redis.from_url(server.url)
+        deadline = time.monotonic() + 20  # a busy disk can postpone the write (aof_delayed)
+        while time.monotonic() < deadline:
+            info = client.info("persistence")
+            if not info.get("aof_buffer_length") and not info.get("aof_pending_bio_fsync"):
+                break
+            time.sleep(0.2)
+        client.close()
         child.kill()
         server.kill()
         child.wait()
