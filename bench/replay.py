@@ -17,11 +17,6 @@ same run (same machine, same moment):
 * ``sample_ratio``: transitions/s of ``ReplaySampler.sample(512)`` (prioritized,
   MGET + decode + stack, one thread) / transitions/s of gathering the same
   batches from an in-memory numpy ring of uncompressed frames by fancy indexing.
-* ``shards_parallel_over_sequential``: transitions/s of ``sample(512)`` over
-  ``--shards`` shards (one redis-server each, ``--shard-transitions`` stored in
-  each) with the shards of a batch drawn, fetched and decoded in parallel
-  threads / the same sampler calling them one after another. In-process shards:
-  a Ray round trip per shard (production) only adds to what parallel hides.
 * ``codecs``: bytes/frame and encode/decode MB/s (raw frame bytes per second)
   per codec, in the per-frame Python calls the replay really makes.
 
@@ -159,49 +154,6 @@ def run_writers(url, codec, pool, mode, seconds, envs, steps, procs=2):
     return sum(n for n, _ in out), time.perf_counter() - t0
 
 
-def shard_parallelism(args, pool: np.ndarray) -> dict:
-    """sample(batch) rate over several shards, parallel vs one after another."""
-    servers = [EmbeddedRedis(None, appendonly=False) for _ in range(args.shards)]
-    try:
-        shards = []
-        for k, server in enumerate(servers):
-            shard = ReplayShard(server.url, capacity=args.shard_transitions * 2, seed=k)
-            writer = ReplayWriter(server.url, args.codec)
-            actor = SyntheticActor(writer.incarnation, num_envs=args.envs, frame_pool=pool, seed=k)
-            while shard.stats()["size"] < args.shard_transitions:
-                fids, frames, batch = actor.push(args.steps)
-                writer.push(fids, frames, batch, 0, 0)
-                shard.ingest()
-            shards.append(shard)
-        urls = [s.url for s in servers]
-        samplers = {
-            mode: ReplaySampler(
-                shards, urls, args.codec, seed=0, parallel_shards=mode == "parallel"
-            )
-            for mode in ("parallel", "sequential")
-        }
-        rates: dict[str, list[float]] = {m: [] for m in samplers}
-        for _ in range(3):  # interleaved rounds: both modes see the same machine state
-            for mode, sampler in samplers.items():
-                sampler.sample(args.batch, 0.4)
-                t = time.perf_counter()
-                n = sum(len(sampler.sample(args.batch, 0.4)) for _ in range(args.sample_batches))
-                rates[mode].append(n / (time.perf_counter() - t))
-        for sampler in samplers.values():
-            sampler.close()
-        par, seq = float(np.median(rates["parallel"])), float(np.median(rates["sequential"]))
-        return {
-            "shards": args.shards,
-            "shard_transitions_each": args.shard_transitions,
-            "shards_parallel_per_s": round(par, 1),
-            "shards_sequential_per_s": round(seq, 1),
-            "shards_parallel_over_sequential": round(par / seq, 3),
-        }
-    finally:
-        for server in servers:
-            server.stop()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,10 +169,6 @@ def main() -> None:
     ap.add_argument("--insert-seconds", type=float, default=8.0)
     ap.add_argument("--sample-batches", type=int, default=40)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument(
-        "--shards", type=int, default=2, help="shards for the parallel figure (0: skip)"
-    )
-    ap.add_argument("--shard-transitions", type=int, default=20_000, help="stored in each shard")
     args = ap.parse_args()
 
     pool = pong_frames(8, args.pool_steps, game=args.env)
@@ -339,8 +287,6 @@ def main() -> None:
         res["insert_ratio"] = round(ours_ins / raw_rate, 3)
         res["insert_ratio_goal"] = 0.3
         res["insert_backlog_drain_s"] = round(drain, 2)
-    if args.shards > 1:
-        res.update(shard_parallelism(args, pool))
     res["cpus"] = os.cpu_count()
     print(json.dumps(res))
 

@@ -323,7 +323,6 @@ def _run(
     finally:
         fleet.stop()
         loader.close()
-        sampler.close()
         for h in shard_handles:
             try:
                 ray.get(h.stop.remote(), timeout=30)

@@ -12,9 +12,7 @@ Call order (one sampler per learner)::
 ``update_priorities(keys, priorities)`` and ``stats() -> dict`` (a
 :class:`ReplayShard` in tests, an adapter over a Ray actor handle in production);
 ``urls[k]`` is the Redis of that shard, which the sampler reads frames from
-directly (one MGET per shard per batch). The shards of one batch are drawn,
-fetched and decoded in parallel threads, so a batch costs the slowest shard's
-round trips, not their sum.
+directly (one MGET per shard per batch).
 
 Why this differs from the paper: Ape-X samples one central replay; here a batch
 is split across shards by a multinomial draw with probabilities proportional
@@ -28,7 +26,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -70,8 +67,6 @@ class ReplaySampler:
     samples_per_insert / tolerance: see :class:`RateLimiter` (0 = unlimited).
     wait_timeout: seconds :meth:`sample` waits for the limiter before returning None.
     malloc_tuning: call :func:`tune_malloc` (process-wide; see there why).
-    parallel_shards: draw, MGET and decode the shards of one batch in parallel
-        threads (False: one after another, the baseline of ``bench/replay.py``).
     """
 
     def __init__(
@@ -86,7 +81,6 @@ class ReplaySampler:
         namespace: str = "apex",
         seed: int | None = None,
         malloc_tuning: bool = True,
-        parallel_shards: bool = True,
     ) -> None:
         if len(shards) != len(urls) or not shards:
             raise ValueError(
@@ -110,8 +104,6 @@ class ReplaySampler:
         self._sizes = np.zeros(k, np.int64)
         self._inserted = np.zeros(k, np.int64)
         self._fresh = False
-        self._pool: ThreadPoolExecutor | None = None
-        self.parallel_shards = bool(parallel_shards)
         self.sampled = 0
         self.dropped_rows = 0
         self.corrupt_batches = 0
@@ -155,23 +147,7 @@ class ReplaySampler:
             "replay_inserted": int(self._inserted.sum()),
         }
 
-    def close(self) -> None:
-        """Stop the shard thread pool (started on the first multi-shard batch)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
     # ---- internals ----------------------------------------------------------
-    def _shard_pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                # Sized for every loader worker drawing from every shard at once.
-                self._pool = ThreadPoolExecutor(
-                    max_workers=4 * len(self.shards), thread_name_prefix="replay-shard"
-                )
-            return self._pool
-
     def _counts(self, refresh: bool) -> tuple[int, int]:
         if refresh or not self._fresh:
             stats = [s.stats() for s in self.shards]
@@ -195,49 +171,31 @@ class ReplaySampler:
         share = totals / totals.sum()
         with self._lock:
             counts = self._rng.multinomial(batch_size, share)
-        jobs = [(k, int(c)) for k, c in enumerate(counts) if c]
-        offsets = np.cumsum([0] + [c for _, c in jobs], dtype=np.int64)
-        obs = np.empty((batch_size, STACK, *FRAME_SHAPE), np.uint8)
-        nxt = np.empty_like(obs)
-
-        def one(j: int) -> tuple[int, dict, np.ndarray]:
-            # Each shard's part: its index draw, then its MGET + decode into its
-            # own rows of obs/nxt (rows offsets[j] .. offsets[j] + counts).
-            k, c = jobs[j]
-            r = self.shards[k].sample(c, beta)
-            with self._lock:
-                self._totals[k], self._sizes[k] = r["total"], r["size"]
-                self._inserted[k] = r["inserted"]
-            if not len(r["keys"]):
-                return k, r, np.zeros(0, bool)
-            return k, r, self._fetch(k, r, obs, nxt, int(offsets[j]))
-
-        if len(jobs) > 1 and self.parallel_shards:
-            # Shards in parallel: their Ray round trips and MGETs wait on sockets,
-            # and lz4 and numpy's gather release the GIL.
-            results = list(self._shard_pool().map(one, range(len(jobs))))
-        else:
-            results = [one(j) for j in range(len(jobs))]
+        parts = []
+        for k, c in enumerate(counts):
+            if c:
+                r = self.shards[k].sample(int(c), beta)
+                with self._lock:
+                    self._totals[k], self._sizes[k] = r["total"], r["size"]
+                    self._inserted[k] = r["inserted"]
+                if len(r["keys"]):
+                    parts.append((k, r))
         with self._lock:
             n_all = float(self._sizes.sum())
+        obs = np.empty((batch_size, STACK, *FRAME_SHAPE), np.uint8)
+        nxt = np.empty_like(obs)
         cols: dict[str, list[np.ndarray]] = {
             n: [] for n in ("keys", "p", "actions", "returns", "discounts")
         }
-        keep = []
-        for j, (k, r, ok) in enumerate(results):
-            if not ok.any():
-                continue
-            keep.append(offsets[j] + np.arange(int(ok.sum())))  # _fetch packs kept rows
+        row = 0
+        for k, r in parts:
+            ok = self._fetch(k, r, obs, nxt, row)
+            b = int(ok.sum())
+            row += b
             cols["keys"].append((np.int64(k) << SLOT_BITS) | r["keys"][ok])
             cols["p"].append(share[k] * r["probs"][ok])
             for name in ("actions", "returns", "discounts"):
                 cols[name].append(r[name][ok])
-        rows = np.concatenate(keep) if keep else np.zeros(0, np.int64)
-        row = len(rows)
-        if row and rows[-1] != row - 1:
-            # A shard other than the last lost rows (vanished frames, a short
-            # shard): close the gaps. Otherwise obs[:row] below is already packed.
-            obs, nxt = obs[rows], nxt[rows]
         if row == 0:
             return None
         p = np.concatenate(cols["p"])
