@@ -7,22 +7,45 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
+from common.types import TransitionBatch
+from replay_server.keys import ReplayKeys
 from replay_server.rate_limiter import RateLimiter
 from replay_server.sampler import SLOT_MASK, PrefetchLoader, ReplaySampler
 from replay_server.shard import SLOT_BITS, ReplayShard
 from replay_server.writer import ReplayWriter
 
 
-def filled_shard(url, make_actor, pool, pushes, steps=10, envs=4, seed=0, **kw) -> ReplayShard:
+def filled_shard(
+    url, make_actor, pool, pushes, steps=10, envs=4, seed=0, record=None, **kw
+) -> ReplayShard:
+    """A shard holding ``pushes`` real pushes. ``record`` (a dict), if given,
+    gets ``frames`` {frame id: frame} and ``batches`` (the pushes in slot order)."""
     shard = ReplayShard(url, capacity=kw.pop("capacity", 10_000), seed=seed, **kw)
     writer = ReplayWriter(url)
     actor = make_actor(writer.incarnation, num_envs=envs, frame_pool=pool, seed=seed)
     for _ in range(pushes):
         fids, frames, batch = actor.push(steps)
         writer.push(fids, frames, batch, 0, 0)
+        if record is not None:
+            record.setdefault("frames", {}).update(zip(fids.tolist(), frames, strict=True))
+            record.setdefault("batches", []).append(batch)
         shard.ingest()
     return shard
+
+
+def delete_early_frames(url: str, pushed: TransitionBatch) -> np.ndarray:
+    """Delete from Redis the frames of the first third of the transitions that
+    no transition of the last third uses. Returns bool[n]: which transitions
+    (slot order) still have all their frames; the last third always does."""
+    ids = np.concatenate([pushed.obs_ids, pushed.next_obs_ids], axis=1)
+    n = len(ids)
+    doomed = np.setdiff1d(ids[: n // 3], ids[n - n // 3 :])
+    client = redis.Redis.from_url(url)
+    assert client.delete(*ReplayKeys().frames(doomed)) == len(doomed) > 0
+    client.close()
+    return ~np.isin(ids, doomed).any(axis=1)
 
 
 def test_importance_weights_on_known_priorities(redis_url, make_pong_actor, pong_frames):
@@ -72,18 +95,15 @@ def test_two_shards_are_sampled_in_proportion_to_total_priority(
 
 
 def test_rows_whose_frames_vanished_are_dropped(redis_url, make_pong_actor, pong_frames):
-    import redis as redis_mod
-
-    from replay_server.keys import ReplayKeys
-
-    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
+    rec: dict = {}
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, record=rec)
+    intact = delete_early_frames(redis_url, TransitionBatch.concat(rec["batches"]))
+    assert 0 < intact.sum() < len(intact)
     sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
-    client = redis_mod.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=ReplayKeys().frame_pattern()))
-    client.delete(*keys[: len(keys) // 3])
     batch = sampler.sample(200, 0.4)
     assert batch is not None and 0 < len(batch) < 200
     batch.validate()
+    assert intact[batch.keys & SLOT_MASK].all(), "a row with a deleted frame was kept"
     assert sampler.stats()["dropped_rows"] == 200 - len(batch)
 
 
@@ -190,3 +210,43 @@ def test_prefetch_loader_queues_batches_and_surfaces_errors(
     with pytest.raises(RuntimeError, match="redis went away"):
         broken.get(timeout=2.0)
     broken.close()
+
+
+def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
+    redis_url, make_pong_actor, pong_frames
+):
+    urls = [redis_url, redis_url[: redis_url.rfind("/")] + "/1"]
+    # Both writers start at the same incarnation, so frame ids repeat across
+    # shards with different frames: a row stacked from the wrong shard shows.
+    recs: list[dict] = [{}, {}]
+    shards = [
+        filled_shard(url, make_pong_actor, pong_frames, pushes=3, seed=k, record=recs[k])
+        for k, url in enumerate(urls)
+    ]
+    frames_by_id = [r["frames"] for r in recs]
+    pushed = [TransitionBatch.concat(r["batches"]) for r in recs]
+    # Shard 0 loses frames: its rows drop while shard 1's rows follow in the batch.
+    intact = delete_early_frames(urls[0], pushed[0])
+
+    sampler = ReplaySampler(shards, urls, min_size=1, seed=0)
+    seen = np.zeros(2, int)
+    for _ in range(4):
+        batch = sampler.sample(200, 0.4)
+        batch.validate()
+        assert len(batch) < 200
+        shard_of = batch.keys >> SLOT_BITS
+        slots = batch.keys & SLOT_MASK
+        seen += np.bincount(shard_of, minlength=2)
+        for k in (0, 1):
+            m = shard_of == k
+            if not m.any():
+                continue
+            exp = pushed[k]
+            obs = np.stack([[frames_by_id[k][i] for i in r] for r in exp.obs_ids[slots[m]]])
+            nxt = np.stack([[frames_by_id[k][i] for i in r] for r in exp.next_obs_ids[slots[m]]])
+            assert np.array_equal(batch.obs[m], obs), f"shard {k}: stacks from other frames"
+            assert np.array_equal(batch.next_obs[m], nxt)
+            assert np.array_equal(batch.actions[m], exp.actions[slots[m]])
+        assert intact[slots[shard_of == 0]].all(), "a row with a deleted frame was kept"
+    assert seen.min() > 0, seen
+    assert sampler.stats()["dropped_rows"] == 4 * 200 - seen.sum()
