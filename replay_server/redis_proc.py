@@ -23,9 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from replay_server.protocol import ReplayUnavailable
 
-class ReplayUnavailable(ConnectionError):
-    """The replay's Redis cannot be reached; the message says where and what to do."""
+__all__ = ["EmbeddedRedis", "ReplayUnavailable", "connect", "find_redis_server", "redact"]
 
 
 def find_redis_server() -> str:

@@ -4,7 +4,7 @@ Call order::
 
     shard = ReplayShard(url, capacity)       # reloads what the Redis holds
     shard.start()                            # background ingest + snapshots
-    shard.sample(512, beta) -> dict          # any thread (Ray max_concurrency>1)
+    shard.sample(512) -> ShardSample         # any thread (Ray max_concurrency>1)
     shard.update_priorities(keys, prios)
     shard.stop()                             # final snapshot
 
@@ -48,7 +48,8 @@ from common.types import STACK
 from common.wire import WireError, decode_batch
 from replay_server.frame_groups import FrameGroups
 from replay_server.keys import ReplayKeys
-from replay_server.redis_proc import ReplayUnavailable, connect, redact
+from replay_server.protocol import ReplayUnavailable, ShardSample, ShardStats
+from replay_server.redis_proc import connect, redact
 from replay_server.sum_tree import SumTree
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class ReplayShard:
     """Prioritized FIFO replay of ``capacity`` transitions in one Redis.
 
     Thread-safe: ingest, sample, update_priorities and stats may run
-    concurrently. Return values are plain numpy arrays and dicts.
+    concurrently. Results are the typed records of `replay_server.protocol`.
     """
 
     def __init__(
@@ -147,14 +148,11 @@ class ReplayShard:
                 self._rate.append((time.monotonic(), self.inserted_total))
             return stored
 
-    def sample(self, batch_size: int, beta: float = 0.4) -> dict:
+    def sample(self, batch_size: int) -> ShardSample:
         """batch_size transitions drawn with probability p_i**alpha / total.
 
-        Returns ``keys`` int64[B] (the slots), ``probs`` float64[B] (p_i/total of
-        this shard), ``obs_ids``/``next_obs_ids`` int64[B, 4], ``actions`` int64[B],
-        ``returns``/``discounts`` float32[B], and ``size``, ``total``, ``inserted``.
-        Empty arrays (B = 0) when the shard is empty. ``beta`` is unused here (the
-        sampler computes importance weights across shards); kept for the protocol.
+        Empty arrays (b = 0) when the shard is empty. Importance weights are the
+        sampler's job (they need every shard's totals).
         """
         with self._lock:
             total, size = self._tree.total, self.size
@@ -169,18 +167,18 @@ class ReplayShard:
             self.sampled_total += int(pos.size)
             inserted = self.inserted_total
         ids = rec["ids"]
-        return {
-            "keys": slots.astype(np.int64),
-            "probs": probs,
-            "obs_ids": np.ascontiguousarray(ids[:, :STACK]),
-            "next_obs_ids": np.ascontiguousarray(ids[:, STACK:]),
-            "actions": rec["action"].astype(np.int64),
-            "returns": rec["ret"].astype(np.float32),
-            "discounts": rec["disc"].astype(np.float32),
-            "size": size,
-            "total": total,
-            "inserted": inserted,
-        }
+        return ShardSample(
+            keys=slots.astype(np.int64),
+            probs=probs,
+            obs_ids=np.ascontiguousarray(ids[:, :STACK]),
+            next_obs_ids=np.ascontiguousarray(ids[:, STACK:]),
+            actions=rec["action"].astype(np.int64),
+            returns=rec["ret"].astype(np.float32),
+            discounts=rec["disc"].astype(np.float32),
+            size=int(size),
+            total=float(total),
+            inserted=int(inserted),
+        )
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         """Set priorities of sampled keys (int64[k] slots); keys of evicted slots
@@ -206,8 +204,8 @@ class ReplayShard:
             out[ok] = self._prio[slots[ok] % self.capacity]
         return out
 
-    def stats(self) -> dict:
-        """Counters as plain Python numbers (Redis used_memory cached for 1 s)."""
+    def stats(self) -> ShardStats:
+        """Counters (Redis used_memory cached for 1 s)."""
         now = time.monotonic()
         if now - self._mem[0] > 1.0:
             try:
@@ -219,21 +217,21 @@ class ReplayShard:
             (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
             rate = (n1 - n0) / max(t1 - t0, 1e-9)
         with self._lock:
-            return {
-                "size": self.size,
-                "capacity": self.capacity,
-                "inserted_total": self.inserted_total,
-                "inserts_per_s": rate,
-                "sampled_total": self.sampled_total,
-                "total_priority": self._tree.total,
-                "bytes_used": self._mem[1],
-                "evictions": self.evictions,
-                "malformed": self.malformed,
-                "dangling": self.dangling,
-                "ingest_errors": self.ingest_errors,
-                "frames_stored": self._groups.frame_count,
-                "frame_groups": len(self._groups),
-            }
+            return ShardStats(
+                size=self.size,
+                capacity=self.capacity,
+                inserted_total=self.inserted_total,
+                inserts_per_s=rate,
+                sampled_total=self.sampled_total,
+                total_priority=self._tree.total,
+                bytes_used=self._mem[1],
+                evictions=self.evictions,
+                malformed=self.malformed,
+                dangling=self.dangling,
+                ingest_errors=self.ingest_errors,
+                frames_stored=self._groups.frame_count,
+                frame_groups=len(self._groups),
+            )
 
     def start(self) -> None:
         """Run ingest (and periodic snapshots) in a daemon thread."""
