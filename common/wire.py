@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
+import cramjam
 import lz4.block
 import msgpack
 import numpy as np
@@ -166,6 +167,90 @@ class FrameCodec:
                 "a frame is truncated or not an 84x84 frame"
             )
         return np.frombuffer(data, np.uint8).reshape(m, *FRAME_SHAPE)
+
+    def decode_into(self, blobs: Sequence[bytes], out: np.ndarray, rows: np.ndarray) -> None:
+        """Decode m encoded frames straight into ``out[rows[i]]``, with no
+        intermediate bytes objects for lz4 (the sampler's hot path).
+
+        out:   uint8[P, 84, 84], C-contiguous and writable (a batch, a shared slot)
+        rows:  int[m], positions in [0, P) (a position written twice holds the later frame)
+
+        Any codec (each frame's header names it). Every frame must decode to
+        exactly 7,056 bytes, and no decoder can write more than that: lz4 and
+        ``none`` write into the destination frame itself (bounded by its size);
+        zstd frames must declare a 7,056-byte content size in their header, which
+        zstd then enforces. Raises :class:`WireError` on the first bad frame
+        (frames before it are already written); the message names its index.
+        """
+        m = len(blobs)
+        rows = np.asarray(rows)
+        if out.dtype != np.uint8 or out.ndim != 3 or out.shape[1:] != FRAME_SHAPE:
+            raise ValueError(f"out: expected uint8[P, 84, 84], got {out.dtype}{list(out.shape)}")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("out must be C-contiguous and writable")
+        if rows.shape != (m,) or rows.dtype.kind not in "iu":
+            raise ValueError(f"rows: expected int[{m}], got {rows.dtype}{list(rows.shape)}")
+        if m == 0:
+            return
+        if int(rows.min()) < 0 or int(rows.max()) >= out.shape[0]:
+            raise ValueError(
+                f"rows must lie in [0, {out.shape[0]}), got {rows.min()}..{rows.max()}"
+            )
+        dst = memoryview(out).cast("B")
+        offsets = (rows.astype(np.int64) * FRAME_BYTES).tolist()
+        fb = FRAME_BYTES
+        into: dict[bytes, Callable[[memoryview, memoryview], None]] = {}
+        i = 0
+        try:
+            for i, (blob, o) in enumerate(zip(blobs, offsets, strict=True)):  # noqa: B007 (i names the bad frame)
+                head = blob[:2]  # TypeError for None: not a frame
+                fn = into.get(head)
+                if fn is None:
+                    fn = into[head] = self._into_fn(blob)
+                fn(memoryview(blob)[2:], dst[o : o + fb])
+        except WireError as exc:
+            raise WireError(f"frame {i} of {m}: {exc}") from None
+        except (TypeError, ValueError, cramjam.DecompressionError, zstandard.ZstdError) as exc:
+            what = type(blobs[i]).__name__
+            raise WireError(f"frame {i} of {m} ({what}) is not a valid frame: {exc}") from None
+
+    def _into_fn(self, blob: bytes) -> Callable[[memoryview, memoryview], None]:
+        """The writer of frames with ``blob``'s header: (payload, 7,056-byte destination)."""
+        if not isinstance(blob, bytes | bytearray | memoryview) or len(blob) < 2:
+            raise WireError(f"not a frame: {type(blob).__name__} of length {_len(blob)}")
+        tag, codec_id = blob[0], blob[1]
+        if tag & 0xF0 != _MAGIC:
+            raise WireError(f"not a frame: bad magic byte 0x{tag:02x}")
+        if tag != _FRAME_TAG:
+            raise WireError(f"frame format version {tag & 0x0F} is not supported")
+        if codec_id == 1:
+            lz4_into = cramjam.lz4.decompress_block_into
+
+            def lz4_frame(src: memoryview, dst: memoryview) -> None:
+                # output_len given: without it cramjam may read a size prefix
+                if lz4_into(src, dst, output_len=FRAME_BYTES) != FRAME_BYTES:
+                    raise WireError(f"lz4 frame decodes to fewer than {FRAME_BYTES} bytes")
+
+            return lz4_frame
+        if codec_id in (2, 3):
+            dd = self._zstd(codec_id == 3, compress=False)
+            size_of = zstandard.frame_content_size
+
+            def zstd_frame(src: memoryview, dst: memoryview) -> None:
+                if size_of(src) != FRAME_BYTES:  # checked before zstd allocates
+                    raise WireError(f"zstd frame does not declare {FRAME_BYTES} bytes")
+                dst[:] = dd.decompress(src)  # zstd checks the declared size
+
+            return zstd_frame
+        if codec_id == 0:
+
+            def raw_frame(src: memoryview, dst: memoryview) -> None:
+                if len(src) != FRAME_BYTES:
+                    raise WireError(f"raw frame has {len(src)} bytes, expected {FRAME_BYTES}")
+                dst[:] = src
+
+            return raw_frame
+        raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
 
     def _decompressor(self, codec_id: int) -> Callable[[memoryview], bytes]:
         if codec_id == 1:

@@ -9,7 +9,8 @@
   4. start the named Ray actors (weights store, replay shards, env actors;
      see `deploy.fleet`);
   5. run the learner's `TrainLoop` in this process (the driver takes the GPU when
-     its node has one), fed by a prefetching sampler over the replay shards;
+     its node has one), fed by loader processes over the replay shards
+     (`replay_server.loader.DataSource`);
   6. on the time/frame limit, Ctrl-C or SIGTERM: stop the actors, write the final
      checkpoint and the summary JSON, stop the shards (they snapshot their
      index), shut down local Ray and the embedded redis-server(s).
@@ -246,14 +247,15 @@ def _run(
     from learner.learner import Learner
     from learner.loop import TrainLoop
     from learner.metrics import Metrics
+    from replay_server.loader import DataSource
     from replay_server.remote import RemoteShard
-    from replay_server.sampler import PrefetchLoader, ReplaySampler
+    from replay_server.sampler import ReplaySampler
 
     _learner_threads(cfg, out)
     capacity_per_shard = max(1, cfg.replay.capacity // len(urls))
     store = start_weight_store()
     shard_handles = start_shards(cfg, urls, capacity_per_shard)
-    shards = [RemoteShard(h) for h in shard_handles]
+    shards = [RemoteShard(h, name=f"replay shard {k}") for k, h in enumerate(shard_handles)]
     learner = Learner(cfg, num_actions, cfg.learner.device)
     if resume_state is not None:
         learner.load_state_dict(resume_state)
@@ -265,14 +267,7 @@ def _run(
         min_size=cfg.replay.min_replay,
         samples_per_insert=cfg.replay.samples_per_insert,
     )
-    beta = [cfg.replay.beta]
-    loader = PrefetchLoader(
-        lambda: sampler.sample(batch_size, beta[0]), cfg.replay.loader_workers, cfg.replay.prefetch
-    )
-
-    def sample(b: float) -> Any:
-        beta[0] = b
-        return loader.get(timeout=1.0)
+    data = DataSource(sampler, batch_size, cfg.replay.loader_workers, cfg.replay.prefetch)
 
     def publish(version: int, weights: dict) -> None:
         ray.get(store.publish.remote(version, [ray.put(weights)]))
@@ -301,8 +296,9 @@ def _run(
     loop = TrainLoop(
         cfg,
         learner,
-        sample=sample,
-        update_priorities=sampler.update_priorities,
+        sample=data.sample,
+        update_priorities=data.update_priorities,
+        replay_status=data.status,
         publish=publish,
         poll_external=poll_external,
         metrics=metrics,
@@ -322,7 +318,7 @@ def _run(
         )
     finally:
         fleet.stop()
-        loader.close()
+        data.close()
         for h in shard_handles:
             try:
                 ray.get(h.stop.remote(), timeout=30)

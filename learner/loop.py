@@ -151,6 +151,11 @@ class TrainLoop:
                        transitions, episodes, weight_version, elapsed_s and
                        recent_returns continue from there
     log:               console sink for the progress line (default print)
+    replay_status:     optional ``() -> status`` of the data source (e.g.
+                       `replay_server.loader.LoaderStatus`): its ``unavailable_s``
+                       (seconds the replay has been unavailable, None when it is
+                       not) goes into the progress line, ``outages`` and
+                       ``outage_s`` into the metrics and the summary
     env_id:            canonical game id stored in checkpoints (default: resolved
                        from ``cfg.env``)
     """
@@ -170,9 +175,11 @@ class TrainLoop:
         env_id: str | None = None,
         poll_seconds: float = 1.0,
         metrics_seconds: float | None = None,
+        replay_status: Callable[[], Any] | None = None,
     ):
         self.cfg, self.learner = cfg, learner
         self.sample, self.publish = sample, publish
+        self.replay_status = replay_status
         self.metrics, self.checkpoint_path, self.log = metrics, checkpoint_path, log
         self.metrics_seconds = metrics_seconds or min(cfg.run.log_every, 5.0)
         if env_id is None:
@@ -332,6 +339,7 @@ class TrainLoop:
             "checkpoint": path,
             "stop_reason": reason,
             "priority_update_failures": self._prio.failures,
+            **self._replay_outages(),
         }
         self.log(f"[apex] stopped ({reason}): {progress_line(self.snapshot())}")
         return summary
@@ -381,10 +389,20 @@ class TrainLoop:
         self.metrics.scalar("checkpoint_s", time.monotonic() - t0, self.frames)
         return path
 
+    def _replay_outages(self) -> dict[str, Any]:
+        """``replay_outages`` (count) and ``replay_outage_s`` (seconds) seen by the
+        data source; empty without ``replay_status``."""
+        if self.replay_status is None:
+            return {}
+        st = self.replay_status()
+        return {"replay_outages": st.outages, "replay_outage_s": st.outage_s}
+
     def snapshot(self) -> dict[str, Any]:
         """Current values for `progress_line` and the metrics."""
         ext = self.external
+        status = self.replay_status() if self.replay_status is not None else None
         return {
+            "replay_unavailable_s": None if status is None else status.unavailable_s,
             "env_frames": self.frames,
             "updates": self.learner.updates,
             "replay_size": ext.get("replay_size"),
@@ -424,6 +442,7 @@ class TrainLoop:
             "replay_size": self.external.get("replay_size"),
             "epsilon_min": self.external.get("epsilon_min"),
             "epsilon_max": self.external.get("epsilon_max"),
+            **self._replay_outages(),
         }
         steps = self.learner.updates - win.updates
         if steps:

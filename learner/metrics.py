@@ -33,6 +33,8 @@ METRICS: dict[str, str] = {
     "env_frames": "emulator frames so far, all actors (resumed runs included)",
     "updates": "learner updates so far",
     "episodes": "finished episodes so far",
+    "replay_outages": "times the learner found the replay unavailable (Redis or a shard down)",
+    "replay_outage_s": "seconds the learner found the replay unavailable, in all",
 }
 
 
@@ -105,7 +107,8 @@ def _si(x: float) -> str:
 def progress_line(s: dict[str, Any]) -> str:
     """One console line from a loop snapshot (missing keys are left out), e.g.
     ``frames 1.20M (3.40K frames/s) | updates 12.30K (19.1 updates/s) | replay 200.00K | return
-    -20.1 (last 100 of 57) | weights v42 | loss 0.0123 | wait 12% | eps 0.0002-0.4``."""
+    -20.1 (last 100 of 57) | weights v42 | loss 0.0123 | wait 12% | eps 0.0002-0.4``, and
+    ``| replay: unavailable 12 s`` while the data source cannot reach the replay."""
     parts: list[str] = []
     if "env_frames" in s:
         fps = _si(s.get("env_frames_per_s", 0.0))
@@ -127,4 +130,6 @@ def progress_line(s: dict[str, Any]) -> str:
         parts.append(f"wait {100 * s['data_wait_fraction']:.0f}%")
     if s.get("epsilon_min") is not None and s.get("epsilon_max") is not None:
         parts.append(f"eps {s['epsilon_min']:.2g}-{s['epsilon_max']:.2g}")
+    if s.get("replay_unavailable_s") is not None:
+        parts.append(f"replay: unavailable {s['replay_unavailable_s']:.0f} s")
     return " | ".join(parts)

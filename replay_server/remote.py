@@ -3,34 +3,58 @@
 The sampler wants ``sample``/``update_priorities``/``stats`` that return values;
 wrap each shard actor in a :class:`RemoteShard` before handing it over::
 
-    Shard = ray.remote(ReplayShard).options(max_concurrency=4)
+    Shard = ray.remote(ReplayShard).options(max_concurrency=4, max_restarts=-1)
     handle = Shard.remote(url, capacity_per_shard, alpha, codec)
     handle.start.remote()
     sampler = ReplaySampler([RemoteShard(handle)], [url], codec, ...)
+
+A shard actor that is dead, restarting or not answering within ``timeout`` is an
+outage like a Redis that is down: ``sample`` and ``stats`` raise
+`ReplayUnavailable` (the caller backs off and retries; a restarted actor
+answers again through the same handle).
 
 ``update_priorities`` is fire-and-forget (the learner does not wait for it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from replay_server.protocol import ShardSample, ShardStats
+from replay_server.protocol import ReplayUnavailable, ShardSample, ShardStats
+
+
+@contextmanager
+def _actor_errors(what: str) -> Iterator[None]:
+    """Ray's "the actor is not there right now" errors -> `ReplayUnavailable`."""
+    import ray
+
+    try:
+        yield
+    except (
+        ray.exceptions.RayActorError,  # dead or restarting (ActorDiedError, ActorUnavailableError)
+        ray.exceptions.GetTimeoutError,
+    ) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReplayUnavailable(f"{what} is unavailable: {type(exc).__name__}: {text}") from None
 
 
 class RemoteShard:
     """Synchronous view of a ``ray.remote(ReplayShard)`` actor handle."""
 
-    def __init__(self, handle: Any, timeout: float = 60.0) -> None:
+    def __init__(self, handle: Any, timeout: float = 60.0, name: str = "replay shard") -> None:
         self.handle = handle
         self.timeout = timeout
+        self.name = name
 
     def sample(self, batch_size: int) -> ShardSample:
         import ray
 
-        return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
+        with _actor_errors(self.name):
+            return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         self.handle.update_priorities.remote(keys, priorities)
@@ -38,4 +62,5 @@ class RemoteShard:
     def stats(self) -> ShardStats:
         import ray
 
-        return ray.get(self.handle.stats.remote(), timeout=self.timeout)
+        with _actor_errors(self.name):
+            return ray.get(self.handle.stats.remote(), timeout=self.timeout)

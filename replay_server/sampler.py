@@ -1,18 +1,21 @@
 """Learner side of the replay: prioritized minibatches over all shards.
 
-Call order (one sampler per learner)::
+A batch is made in three steps, which `replay_server.loader` spreads over
+processes and ``sample`` runs in one thread::
 
-    sampler = ReplaySampler(shards, urls, codec, min_size=..., samples_per_insert=...)
-    loader = PrefetchLoader(lambda: sampler.sample(512, beta()), workers=2, queue_size=4)
-    batch = loader.get(timeout=1.0)           # SampleBatch or None
+    draw = sampler.draw(512)                  # rate limiter + index draws (shard.sample)
+    result = fetcher.fetch_batch(draw.spans(), draw.ids(), frames, 512)   # Redis -> frames
+    drawn = sampler.finish(draw, result, obs, next_obs)                   # DrawnBatch
+    batch = drawn.weighted(beta)              # importance weights -> SampleBatch
+
+    batch = sampler.sample(512, beta)         # the same, in this thread
     sampler.update_priorities(batch.keys, new_priorities)
-    loader.close()
 
 ``shards[k]`` is anything with synchronous ``sample(batch_size) -> ShardSample``,
 ``update_priorities(keys, priorities)`` and ``stats() -> ShardStats`` (a
-:class:`ReplayShard` in tests, an adapter over a Ray actor handle in production);
-``urls[k]`` is the Redis of that shard, which the sampler reads frames from
-directly (one MGET per shard per batch).
+:class:`ReplayShard` in tests, a `RemoteShard` over a Ray actor in production);
+``urls[k]`` is the Redis of that shard, which frames are read from directly
+(`replay_server.frames`: one MGET per shard per batch).
 
 Why this differs from the paper: Ape-X samples one central replay; here a batch
 is split across shards by a multinomial draw with probabilities proportional
@@ -22,20 +25,17 @@ probability ``p_i**alpha / sum_all`` a single replay would.
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from common.types import FRAME_SHAPE, STACK, SampleBatch
-from common.wire import FrameCodec, WireError
-from replay_server.keys import ReplayKeys
+from replay_server.frames import FetchResult, FrameFetcher
 from replay_server.protocol import ShardSample
 from replay_server.rate_limiter import RateLimiter
-from replay_server.redis_proc import connect
 from replay_server.shard import SLOT_BITS
 
 SLOT_MASK = (1 << SLOT_BITS) - 1
@@ -45,11 +45,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def tune_malloc() -> bool:
     """Keep freed batch-sized buffers in glibc's heap instead of returning them.
 
-    A batch of 512 allocates ~24 MB of decoded frames and 28 MB of stacks. With
-    glibc's defaults these go to fresh mmap/brk pages each batch, and the page
-    faults cost more than the copies (bench/replay.py: 49 -> 26 ms per batch on
-    the 2-core dev machine). Raises the mmap threshold to 32 MB and the trim
-    threshold to 1 GiB for this process. Linux/glibc only; returns False elsewhere.
+    A batch of 512 is ~29 MB of stacks. With glibc's defaults these go to fresh
+    mmap pages each batch, and the page faults cost more than the copies
+    (bench/replay.py: 49 -> 26 ms per batch on the 2-core dev machine). Raises the
+    mmap threshold to 32 MB and the trim threshold to 1 GiB for this process.
+    Linux/glibc only; returns False elsewhere. (Loader processes write into
+    reused shared slots and need none of this.)
     """
     try:
         import ctypes
@@ -61,12 +62,86 @@ def tune_malloc() -> bool:
         return False
 
 
+@dataclass
+class Draw:
+    """Rows drawn with priority over all shards, before their frames are fetched.
+
+    parts:     (shard index, `ShardSample`) per contributing shard, in row order
+    share:     float64[K] each shard's share of the total priority at draw time
+    n_all:     transitions stored over all shards (for the importance weights)
+    reserved:  rows reserved from the rate limiter (given back by finish/cancel)
+    """
+
+    parts: list[tuple[int, ShardSample]]
+    share: np.ndarray
+    n_all: float
+    reserved: int
+
+    def __len__(self) -> int:
+        return sum(len(r) for _, r in self.parts)
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(shard, first row, rows) per part."""
+        out, row = [], 0
+        for k, r in self.parts:
+            out.append((k, row, len(r)))
+            row += len(r)
+        return out
+
+    def ids(self) -> np.ndarray:
+        """int64[n, 8] frame ids of every row: s (oldest first) then s'."""
+        if not self.parts:
+            return np.zeros((0, 2 * STACK), np.int64)
+        return np.concatenate(
+            [np.concatenate([r.obs_ids, r.next_obs_ids], axis=1) for _, r in self.parts]
+        ).astype(np.int64, copy=False)
+
+
+@dataclass
+class DrawnBatch:
+    """A fetched batch waiting for its importance weights (they depend on beta,
+    which the learner sets when it takes the batch).
+
+    obs, next_obs:  uint8[B, 4, 84, 84]
+    keys:           int64[B]   shard index << SLOT_BITS | slot
+    probs:          float64[B] each row's probability over the whole replay
+    actions:        int64[B];  returns, discounts: float32[B]
+    n_all:          transitions stored over all shards at draw time
+    """
+
+    obs: np.ndarray
+    next_obs: np.ndarray
+    keys: np.ndarray
+    probs: np.ndarray
+    actions: np.ndarray
+    returns: np.ndarray
+    discounts: np.ndarray
+    n_all: float
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def weighted(self, beta: float) -> SampleBatch:
+        """The `SampleBatch` with weights ``(N * P(i)) ** -beta``, normalised to max 1."""
+        w = (self.n_all * self.probs) ** (-float(beta))
+        w /= w.max()
+        return SampleBatch(
+            obs=self.obs,
+            next_obs=self.next_obs,
+            actions=self.actions,
+            returns=self.returns,
+            discounts=self.discounts,
+            weights=w.astype(np.float32),
+            keys=self.keys,
+        )
+
+
 class ReplaySampler:
-    """Thread-safe: several loader workers may call :meth:`sample` at once.
+    """Thread-safe: several threads may draw, finish and sample at once.
 
     min_size: total stored transitions before the first batch.
     samples_per_insert / tolerance: see :class:`RateLimiter` (0 = unlimited).
-    wait_timeout: seconds :meth:`sample` waits for the limiter before returning None.
+    wait_timeout: seconds :meth:`draw` waits for the limiter before returning None.
     malloc_tuning: call :func:`tune_malloc` (process-wide; see there why).
     """
 
@@ -92,14 +167,14 @@ class ReplaySampler:
         if malloc_tuning:
             tune_malloc()
         self.shards = list(shards)
-        self.keys = ReplayKeys(namespace)
-        self.clients = [connect(u) for u in urls]
+        self.urls = list(urls)
+        self.namespace = namespace
         self.codec_name = codec
-        self._codecs = [FrameCodec("lz4") for _ in shards]  # decodes any codec by header
         self.limiter = RateLimiter(min_size, samples_per_insert, tolerance)
         self.wait_timeout = float(wait_timeout)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
+        self._local = threading.local()  # one FrameFetcher per thread for `sample`
         k = len(shards)
         self._totals = np.zeros(k)
         self._sizes = np.zeros(k, np.int64)
@@ -107,27 +182,95 @@ class ReplaySampler:
         self._fresh = False
         self.sampled = 0
         self.dropped_rows = 0
-        self.corrupt_batches = 0
+        self.missing_frames = 0
+        self.corrupt_frames = 0
 
     # ---- public API ---------------------------------------------------------
     def sample(self, batch_size: int, beta: float) -> SampleBatch | None:
-        """A prioritized batch of up to batch_size transitions, or None when the
-        replay is below min_size or the rate limiter held it back for
-        ``wait_timeout`` s. Rows whose frames vanished (evicted between the index
-        draw and the MGET) are dropped (``dropped_rows``)."""
+        """A prioritized batch of up to batch_size transitions, fetched in this
+        thread, or None when the replay is below min_size or the rate limiter held
+        it back for ``wait_timeout`` s. Rows whose frames vanished (evicted between
+        the draw and the MGET) are dropped (``dropped_rows``). Raises
+        `ReplayUnavailable` while the replay cannot be reached."""
+        draw = self.draw(batch_size)
+        if draw is None:
+            return None
+        try:
+            n = len(draw)
+            frames = np.empty((2 * n * STACK, *FRAME_SHAPE), np.uint8)
+            result = self.fetcher().fetch_batch(draw.spans(), draw.ids(), frames, n)
+        except BaseException:
+            self.cancel(draw)
+            raise
+        obs = frames[: n * STACK].reshape(n, STACK, *FRAME_SHAPE)
+        nxt = frames[n * STACK :].reshape(n, STACK, *FRAME_SHAPE)
+        drawn = self.finish(draw, result, obs, nxt)
+        return None if drawn is None else drawn.weighted(beta)
+
+    def fetcher(self) -> FrameFetcher:
+        """This thread's `FrameFetcher` over the shards' Redis."""
+        f = getattr(self._local, "fetcher", None)
+        if f is None:
+            f = self._local.fetcher = FrameFetcher(self.urls, self.namespace, self.codec_name)
+        return f
+
+    def draw(self, batch_size: int) -> Draw | None:
+        """Reserve batch_size rows from the rate limiter (waiting up to
+        ``wait_timeout``) and draw them from the shards; None when held back or
+        nothing is stored. Raises `ReplayUnavailable` (reservation given back)."""
         if not self.limiter.acquire(batch_size, self._counts, self.wait_timeout):
             return None
-        batch = None
         try:
-            batch = self._draw(batch_size, beta)
-        finally:
-            got = 0 if batch is None else len(batch)
-            if got < batch_size:
-                self.limiter.release(batch_size - got)
-        if batch is not None:
-            with self._lock:
-                self.sampled += len(batch)
-        return batch
+            draw = self._draw(batch_size)
+        except BaseException:
+            self.limiter.release(batch_size)
+            raise
+        if draw is None or len(draw) == 0:
+            self.limiter.release(batch_size)
+            return None
+        return draw
+
+    def cancel(self, draw: Draw) -> None:
+        """Give back a draw's reservation (its frames were never delivered)."""
+        self.limiter.release(draw.reserved)
+
+    def finish(
+        self, draw: Draw, result: FetchResult, obs: np.ndarray, next_obs: np.ndarray
+    ) -> DrawnBatch | None:
+        """The rows of ``draw`` that kept their frames, as a `DrawnBatch` whose
+        ``obs``/``next_obs`` are views of the given arrays (uint8[n, 4, 84, 84],
+        compacted in place when rows were dropped); None when no row is left.
+        Gives the rest of the reservation back and counts what was delivered."""
+        ok = result.ok
+        b = int(ok.sum())
+        n = len(draw)
+        if b < n and b:
+            obs[:b] = obs[:n][ok]
+            next_obs[:b] = next_obs[:n][ok]
+        self.limiter.release(draw.reserved - b)
+        with self._lock:
+            self.sampled += b
+            self.dropped_rows += n - b
+            self.missing_frames += result.missing
+            self.corrupt_frames += result.corrupt
+        if b == 0:
+            return None
+        keys = np.concatenate([(np.int64(k) << SLOT_BITS) | r.keys for k, r in draw.parts])
+        probs = np.concatenate([draw.share[k] * r.probs for k, r in draw.parts])
+        cols = {
+            name: np.concatenate([getattr(r, name) for _, r in draw.parts])[ok]
+            for name in ("actions", "returns", "discounts")
+        }
+        return DrawnBatch(
+            obs=obs[:b],
+            next_obs=next_obs[:b],
+            keys=keys[ok].astype(np.int64),
+            probs=probs[ok],
+            actions=cols["actions"].astype(np.int64),
+            returns=cols["returns"].astype(np.float32),
+            discounts=cols["discounts"].astype(np.float32),
+            n_all=draw.n_all,
+        )
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         """Route new priorities (float[B]) of sampled keys (int64[B]) to their shards."""
@@ -142,7 +285,8 @@ class ReplaySampler:
         return {
             "sampled": self.sampled,
             "dropped_rows": self.dropped_rows,
-            "corrupt_batches": self.corrupt_batches,
+            "missing_frames": self.missing_frames,
+            "corrupt_frames": self.corrupt_frames,
             "limiter_wait_s": self.limiter.waited_s,
             "replay_size": int(self._sizes.sum()),
             "replay_inserted": int(self._inserted.sum()),
@@ -160,7 +304,7 @@ class ReplaySampler:
                 self._fresh = True
         return int(self._inserted.sum()), int(self._sizes.sum())
 
-    def _draw(self, batch_size: int, beta: float) -> SampleBatch | None:
+    def _draw(self, batch_size: int) -> Draw | None:
         with self._lock:
             totals = self._totals.copy()
         if totals.sum() <= 0:
@@ -183,141 +327,4 @@ class ReplaySampler:
                     parts.append((k, r))
         with self._lock:
             n_all = float(self._sizes.sum())
-        obs = np.empty((batch_size, STACK, *FRAME_SHAPE), np.uint8)
-        nxt = np.empty_like(obs)
-        cols: dict[str, list[np.ndarray]] = {
-            n: [] for n in ("keys", "p", "actions", "returns", "discounts")
-        }
-        row = 0
-        for k, r in parts:
-            ok = self._fetch(k, r, obs, nxt, row)
-            b = int(ok.sum())
-            row += b
-            cols["keys"].append((np.int64(k) << SLOT_BITS) | r.keys[ok])
-            cols["p"].append(share[k] * r.probs[ok])
-            for name in ("actions", "returns", "discounts"):
-                cols[name].append(getattr(r, name)[ok])
-        if row == 0:
-            return None
-        p = np.concatenate(cols["p"])
-        w = (n_all * p) ** (-float(beta))
-        w /= w.max()
-        return SampleBatch(
-            obs=obs[:row],
-            next_obs=nxt[:row],
-            actions=np.concatenate(cols["actions"]).astype(np.int64),
-            returns=np.concatenate(cols["returns"]).astype(np.float32),
-            discounts=np.concatenate(cols["discounts"]).astype(np.float32),
-            weights=w.astype(np.float32),
-            keys=np.concatenate(cols["keys"]).astype(np.int64),
-        )
-
-    def _fetch(
-        self, k: int, r: ShardSample, obs: np.ndarray, nxt: np.ndarray, row: int
-    ) -> np.ndarray:
-        """MGET + decode shard k's frames; write stacks into obs/nxt from ``row``.
-        Returns the bool[b] mask of rows kept."""
-        ids = np.concatenate([r.obs_ids, r.next_obs_ids], axis=1)  # int64[b, 8]
-        uniq, inv = np.unique(ids, return_inverse=True)
-        inv = inv.reshape(ids.shape)
-        blobs = self.clients[k].mget(self.keys.frames(uniq))
-        present = np.fromiter((b is not None for b in blobs), bool, len(blobs))
-        ok = np.ones(len(ids), bool)
-        if not present.all():
-            ok = present[inv].all(axis=1)
-            remap = np.cumsum(present) - 1
-            inv = remap[inv[ok]]
-            blobs = [b for b in blobs if b is not None]
-            with self._lock:
-                self.dropped_rows += int((~ok).sum())
-        if not ok.any():
-            return ok
-        codec = self._codecs[k]
-        if self.codec_name == "zstd-dict" and codec.dictionary is None:
-            d = self.clients[k].get(self.keys.dictionary)
-            if d is not None:
-                codec.set_dictionary(d)
-        try:
-            frames = codec.decode(blobs)
-        except WireError:
-            with self._lock:
-                self.corrupt_batches += 1
-                self.dropped_rows += int(ok.sum())
-            return np.zeros(len(ids), bool)
-        b = len(inv)
-        # mode="clip": with out=, mode="raise" buffers the whole result (3x slower)
-        np.take(frames, inv[:, :STACK], axis=0, out=obs[row : row + b], mode="clip")
-        # mode="clip": with out=, mode="raise" buffers the whole result (3x slower)
-        np.take(frames, inv[:, STACK:], axis=0, out=nxt[row : row + b], mode="clip")
-        return ok
-
-
-class PrefetchLoader:
-    """Worker threads run ``sample_fn`` and queue its batches (None results are
-    skipped). ``get`` measures how long the consumer waited (``wait_s``).
-
-    Threads suffice: MGET waits on the socket and lz4/zstd decompression and
-    numpy's gather release the GIL (``bench/replay.py`` measures the scaling).
-    A worker's exception is re-raised by :meth:`get`.
-    """
-
-    def __init__(self, sample_fn: Callable[[], Any], workers: int = 2, queue_size: int = 4) -> None:
-        if workers < 1 or queue_size < 1:
-            raise ValueError(f"workers={workers} and queue_size={queue_size} must be >= 1")
-        self._fn = sample_fn
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self.wait_s = 0.0
-        self.batches = 0
-        self._threads = [
-            threading.Thread(target=self._work, name=f"replay-loader-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _work(self) -> None:
-        try:
-            while not self._stop.is_set():
-                batch = self._fn()
-                if batch is None:
-                    continue
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-        except BaseException as exc:  # surfaced to the consumer by get()
-            self._error = exc
-            self._stop.set()
-
-    def get(self, timeout: float | None = None) -> Any | None:
-        """The next batch, or None after ``timeout`` s (None = wait forever)."""
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        try:
-            while True:
-                if self._error is not None:
-                    raise RuntimeError(
-                        f"replay loader worker failed: {self._error!r}"
-                    ) from self._error
-                wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-                if wait <= 0:
-                    return None
-                try:
-                    batch = self._q.get(timeout=wait)
-                    self.batches += 1
-                    return batch
-                except queue.Empty:
-                    continue
-        finally:
-            self.wait_s += time.monotonic() - start
-
-    def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=10.0)
-        while not self._q.empty():
-            self._q.get_nowait()
+        return Draw(parts, share, n_all, batch_size)

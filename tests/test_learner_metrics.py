@@ -90,3 +90,7 @@ def test_progress_line() -> None:
         "eps 0.0002-0.4"
     )
     assert progress_line({"updates": 0, "mean_return": None}) == "updates 0 (0.0 updates/s)"
+    # the data source's outage, said once, while it lasts
+    down = {"updates": 7, "updates_per_s": 0.0, "replay_unavailable_s": 12.4}
+    assert progress_line(down) == "updates 7 (0.0 updates/s) | replay: unavailable 12 s"
+    assert "replay" not in progress_line({**down, "replay_unavailable_s": None})

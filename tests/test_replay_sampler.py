@@ -1,4 +1,5 @@
-"""ReplaySampler, RateLimiter and PrefetchLoader with real Redis and real writers."""
+"""ReplaySampler and RateLimiter with real Redis and real writers (loader processes:
+tests/test_replay_loader.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import redis
 
 from common.types import TransitionBatch
 from replay_server.keys import ReplayKeys
 from replay_server.rate_limiter import RateLimiter
-from replay_server.sampler import SLOT_MASK, PrefetchLoader, ReplaySampler
+from replay_server.sampler import SLOT_MASK, ReplaySampler
 from replay_server.shard import SLOT_BITS, ReplayShard
 from replay_server.writer import ReplayWriter
 
@@ -184,32 +184,6 @@ def test_min_size_gates_sampling(redis_url, make_pong_actor, pong_frames):
     sampler = ReplaySampler([shard], [redis_url], min_size=n + 1, wait_timeout=0.1)
     assert sampler.sample(8, 0.4) is None
     assert ReplaySampler([shard], [redis_url], min_size=n).sample(8, 0.4) is not None
-
-
-def test_prefetch_loader_queues_batches_and_surfaces_errors(
-    redis_url, make_pong_actor, pong_frames
-):
-    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1)
-    loader = PrefetchLoader(lambda: sampler.sample(32, 0.4), workers=2, queue_size=3)
-    try:
-        got = [loader.get(timeout=5.0) for _ in range(10)]
-        assert all(b is not None and len(b) == 32 for b in got)
-        assert loader.batches == 10 and loader.wait_s >= 0
-    finally:
-        loader.close()
-    empty = PrefetchLoader(lambda: time.sleep(0.01), workers=1, queue_size=1)
-    t0 = time.monotonic()
-    assert empty.get(timeout=0.2) is None and time.monotonic() - t0 >= 0.19
-    empty.close()
-
-    def boom():
-        raise OSError("redis went away")
-
-    broken = PrefetchLoader(boom, workers=1, queue_size=1)
-    with pytest.raises(RuntimeError, match="redis went away"):
-        broken.get(timeout=2.0)
-    broken.close()
 
 
 def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
