@@ -50,7 +50,11 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _REFUSED):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSAL_PREFIXES)
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    msg = str(exc)
+    # A refusal inside a Lua script arrives wrapped: "Error running script ...: -OOM ..."
+    return msg.startswith(_REFUSAL_PREFIXES) or any(f"-{p} " in msg for p in _REFUSAL_PREFIXES)
 
 
 @contextmanager
