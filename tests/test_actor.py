@@ -176,7 +176,7 @@ def test_backoff_and_bounded_buffer_while_redis_is_down(tmp_path, caplog):
     # 150 steps x 4 envs, 9 of every 10 steps a transition (Catch: 9-step episodes,
     # then the NEXT_STEP reset step): ~540; all but the newest 120 are dropped
     assert s2["transitions_dropped"] >= 540 - 120 - 20
-    assert "replay unreachable" in caplog.text
+    assert "replay unavailable" in caplog.text
     srv = EmbeddedRedis(str(data), port=port)  # same port, reloads its AOF
     try:
         deadline = time.monotonic() + 20
