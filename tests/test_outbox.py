@@ -75,7 +75,7 @@ def test_outage_buffers_bounded_then_everything_kept_resolves(tmp_path):
         # Frames no transition or stack can need are gone too (bounded memory).
         held = sum(len(c) for c, _ in box._frames)
         assert held <= 50 + 8 + 2
-        srv = EmbeddedRedis(str(tmp_path / "r"), port=srv.port)  # back on its AOF
+        srv = EmbeddedRedis(str(tmp_path / "r"), port=srv.port, password=srv.password)  # its AOF
         assert box.flush(0, force=True) is not None
         st = box.stats()
         assert st.replay_ok and st.buffered == 0 and st.pushed == 12 + 50
@@ -99,7 +99,7 @@ def test_reset_registers_again_and_retries_at_once(tmp_path):
         prod.step(box, 10)
         box.flush(0)
         old = box.incarnation
-        client = redis.Redis.from_url(srv.url)
+        client = redis.Redis.from_url(srv.admin_url)
         epoch = client.get(KEYS.epoch)
         client.flushall()
         prod.step(box, 5)

@@ -50,7 +50,7 @@ def push(writer, actor, steps=10):
 def test_refused_writes_lose_nothing_and_change_nothing(server, make_pong_actor, pong_frames):
     """OOM at maxmemory: pushes and ingests fail as outages, nothing is half-written,
     the index does not move; once memory is back, every queued push is stored."""
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(server.admin_url)
     shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
     writer = ReplayWriter(server.url)
     actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
@@ -75,7 +75,7 @@ def test_refused_writes_lose_nothing_and_change_nothing(server, make_pong_actor,
 
 
 def test_redis_back_empty_is_detected_and_refilled(server, make_pong_actor, pong_frames):
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(server.admin_url)
     shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
     writer = ReplayWriter(server.url)
     old_epoch = writer.epoch
@@ -119,7 +119,7 @@ def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, 
         kept = shard.size
         srv.stop()  # a clean stop flushes the AOF; copy it as "what reached the disk"
         shutil.copytree(data, tmp_path / "older")
-        srv = EmbeddedRedis(str(data), port=srv.port)
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
         for _ in range(3):
             push(writer, actor)
             shard.ingest()
@@ -128,7 +128,7 @@ def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, 
         srv.kill()
         shutil.rmtree(data)
         shutil.copytree(tmp_path / "older", data)
-        srv = EmbeddedRedis(str(data), port=srv.port)
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
         assert shard.ingest() == 0  # notices, reloads
         st = shard.stats()
         assert st.size == kept and st.lost == ahead - kept and st.resets == 0
@@ -212,7 +212,7 @@ def test_orphan_frames_are_swept(server, make_pong_actor, pong_frames):
 def test_namespace_identity_and_garbage_are_refused_before_use(
     server, make_pong_actor, pong_frames
 ):
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(server.admin_url)
     where = "test redis"
     args = dict(
         capacity=5_000,
