@@ -50,7 +50,11 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, _REFUSED):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_REFUSAL_PREFIXES)
+    if not isinstance(exc, redis.ResponseError):
+        return False
+    msg = str(exc)
+    # A refusal inside a Lua script arrives wrapped: "Error running script ...: -OOM ..."
+    return msg.startswith(_REFUSAL_PREFIXES) or any(f"-{p} " in msg for p in _REFUSAL_PREFIXES)
 
 
 @contextmanager
@@ -66,7 +70,7 @@ def replay_errors(where: str) -> Iterator[None]:
         yield
     except ReplayUnavailable:
         raise
-    except redis.ExecAbortError as exc:  # a command refused while queued in MULTI
+    except redis.exceptions.ExecAbortError as exc:  # a command refused while queued in MULTI
         if any(p in str(exc) for p in _REFUSAL_PREFIXES):
             raise ReplayUnavailable(f"{where} refused the write: {_describe(exc)}") from None
         raise
@@ -123,11 +127,22 @@ class ShardStats:
     total_priority:       sum of p**alpha over stored transitions
     bytes_used:           the Redis server's used_memory (cached 1 s; 0 if unknown)
     evictions:            transitions evicted by the FIFO ring
-    malformed:            pushes or records rejected as malformed
-    dangling:             transitions dropped because their frames were missing
-    ingest_errors:        ingest rounds that failed (Redis unavailable)
+    malformed:            pushes that did not decode (skipped)
+    rejected:             records refused by validation (never stored)
+    dangling:             transitions dropped (or made unsampleable) because their
+                          frames were missing
+    ingest_errors:        background rounds that failed (Redis unavailable, or a bug)
     frames_stored:        frames the index refers to
     frame_groups:         frame groups (one per push) alive
+    lost:                 stored transitions Redis lost (its newest writes, after a
+                          crash within the AOF fsync window)
+    resets:               times Redis came back without the replay's data
+    lost_in_resets:       transitions the index held at those resets
+    orphans_collected:    frames deleted by the orphan sweep
+    outages:              times the shard found its Redis unavailable
+    outage_s:             seconds it was unavailable in all (the current outage included)
+    available:            Redis usable and the index loaded right now
+    pid / started_at:     the shard's process and its start time (a restart changes them)
     """
 
     size: int = 0
@@ -139,10 +154,20 @@ class ShardStats:
     bytes_used: int = 0
     evictions: int = 0
     malformed: int = 0
+    rejected: int = 0
     dangling: int = 0
     ingest_errors: int = 0
     frames_stored: int = 0
     frame_groups: int = 0
+    lost: int = 0
+    resets: int = 0
+    lost_in_resets: int = 0
+    orphans_collected: int = 0
+    outages: int = 0
+    outage_s: float = 0.0
+    available: bool = False
+    pid: int = 0
+    started_at: float = 0.0
 
     def as_dict(self) -> dict[str, int | float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -57,7 +57,6 @@ def test_restart_after_kill_9_finds_transitions_and_priorities(tmp_path):
         line = child.stdout.readline()
         assert line, "child shard process died"
         before = json.loads(line)
-        time.sleep(2.0)  # appendfsync everysec: let the AOF reach the disk
         client = redis.Redis.from_url(server.url)
         deadline = time.monotonic() + 20  # a busy disk can postpone the write (aof_delayed)
         while time.monotonic() < deadline:
@@ -73,7 +72,7 @@ def test_restart_after_kill_9_finds_transitions_and_priorities(tmp_path):
         if child.poll() is None:
             child.kill()
         server.kill()
-    server = EmbeddedRedis(data, port=server.port, appendonly=True)
+    server = EmbeddedRedis(data, port=server.port, password=server.password)
     try:
         shard = ReplayShard(server.url, capacity=500)
         st, bst = shard.stats(), before["stats"]

@@ -190,7 +190,7 @@ def test_unreachable_redis_is_reported_without_the_password(tmp_path, pong_frame
         writer.push(fids, frames, batch, 0, 0)
     assert "s3cret-pw" not in str(err.value)
     with pytest.raises(
-        ReplayUnavailable, match="cannot reach Redis at redis://:\\*\\*\\*@127"
+        ReplayUnavailable, match="cannot reach Redis at redis://apex:\\*\\*\\*@127"
     ) as err:
         connect(url, timeout=0.5)
     assert "s3cret-pw" not in str(err.value) and "omit --redis-url" in str(err.value)
