@@ -5,8 +5,9 @@ Prints ONE JSON object. In the same run, on the same device and network:
 * ``updates_per_s_ceiling``: `Learner.update` on ONE pre-made batch already on the
   device (no data movement at all): what the device can do.
 * ``updates_per_s_fed``: the training loop's hot path fed by the real replay:
-  ``PrefetchLoader`` workers run ``ReplaySampler.sample`` (prioritized draw, one
-  MGET per shard, lz4 decode, stacking) against a `ReplayShard` in an embedded
+  the launcher's `DataSource` (prioritized draws in this process; ``--loader-workers``
+  loader processes fetch with one MGET per shard and decode into shared batch
+  slots) against a `ReplayShard` in an embedded
   redis-server holding ``--transitions`` real Pong transitions (random play,
   n=3), the learner copies each batch to the device and steps, and new priorities
   go back through the loop's background `PriorityWriter`.
@@ -15,7 +16,7 @@ other processes on a shared machine hits both alike.
 
 * ``learner_ratio`` = fed / ceiling (1.0: the replay never holds the learner back).
 * ``data_wait_fraction``: fraction of the fed phase's wall time spent in
-  ``loader.get`` (the loop's own definition).
+  ``DataSource.sample`` (the loop's own definition).
 * on CUDA also ``ceiling_512_updates_per_s`` (Ape-X's batch size).
 
     python bench/learner.py --device cpu                 # batch 64, ~1 min on 2 cores
@@ -82,7 +83,7 @@ class Ceiling:
 
 
 class Fed:
-    """The loop's hot path: loader.get -> Learner.step -> PriorityWriter."""
+    """The loop's hot path: DataSource.sample -> Learner.step -> PriorityWriter."""
 
     def __init__(self, learner: Learner, sampler, loader) -> None:
         self.learner, self.loader = learner, loader
@@ -94,7 +95,7 @@ class Fed:
         n, wait, t0 = 0, 0.0, time.perf_counter()
         while time.perf_counter() - t0 < seconds or n < 2:
             tw = time.perf_counter()
-            b = self.loader.get(timeout=60)
+            b = self.loader.sample(0.4)
             wait += time.perf_counter() - tw
             if b is None:
                 raise RuntimeError("the replay produced no batch within 60 s")
@@ -115,7 +116,7 @@ def measure(learner: Learner, sampler, loader, first, args) -> tuple[Ceiling, Fe
     ceil, fed = Ceiling(learner, first), Fed(learner, sampler, loader)
     for _ in range(args.warmup):
         learner.update(ceil.dev)
-        b = loader.get(timeout=60)
+        b = loader.sample(0.4)
         fed.writer.put(b.keys, learner.step(b)["priorities"])
     chunk = args.seconds / args.rounds
     try:
@@ -141,8 +142,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile (cuda)")
     args = ap.parse_args()
 
+    from replay_server.loader import DataSource
     from replay_server.redis_proc import EmbeddedRedis
-    from replay_server.sampler import PrefetchLoader, ReplaySampler
+    from replay_server.sampler import ReplaySampler
 
     cfg = Config()
     cfg.learner.device = args.device
@@ -155,9 +157,7 @@ def main() -> None:
         shard, fill_s = fill_replay(server.url, args.transitions, args.codec, seed=0)
         sampler = ReplaySampler([shard], [server.url], codec=args.codec, min_size=batch_size)
         first = sampler.sample(batch_size, 0.4)
-        loader = PrefetchLoader(
-            lambda: sampler.sample(batch_size, 0.4), args.loader_workers, args.prefetch
-        )
+        loader = DataSource(sampler, batch_size, args.loader_workers, args.prefetch, timeout=60)
         try:
             ceil, fed = measure(learner, sampler, loader, first, args)
         finally:

@@ -14,14 +14,23 @@ same run (same machine, same moment):
   transitions/s of 2 processes doing raw pipelined SETs (one per value) of the
   same payload sizes. ``insert_ratio_vs_raw_mset`` is the stricter baseline
   (one MSET per push, as the writer itself does).
-* ``sample_ratio``: transitions/s of ``ReplaySampler.sample(512)`` (prioritized,
-  MGET + decode + stack, one thread) / transitions/s of gathering the same
-  batches from an in-memory numpy ring of uncompressed frames by fancy indexing.
+* ``sample_ratio``: transitions/s of ``ReplaySampler.sample(512)`` (prioritized
+  draw, one MGET, frames decoded straight into the batch; one thread, so one
+  core) / transitions/s of gathering the same batches from an in-memory numpy
+  ring of uncompressed frames by fancy indexing (one core).
+* ``loader_<N>_procs_per_s``: transitions/s a learner receives from
+  `replay_server.loader.DataSource` with N loader processes (the production
+  path: draws in this process, fetch + decode in the children, batches in shared
+  memory); ``loader_scaling_<N>`` = N processes / 1 process, the median of
+  ratios measured back to back (``--rounds``), so a busy machine hits both.
+  ``loader_threads_2_over_1``: the same for 2 threads running ``sample`` in this
+  process against 1 (what processes replaced).
 * ``codecs``: bytes/frame and encode/decode MB/s (raw frame bytes per second)
   per codec, in the per-frame Python calls the replay really makes.
 
     python bench/replay.py                    # defaults: 100k transitions
     python bench/replay.py --transitions 20000 --insert-seconds 3   # quick
+    python bench/replay.py --transitions 2000000 --skip-inserts     # the 2M sampling figures
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
+import statistics
 import sys
 import threading
 import time
@@ -43,8 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.types import FRAME_BYTES, TransitionBatch  # noqa: E402
 from common.wire import CODEC_IDS, FrameCodec, encode_batch, train_zstd_dictionary  # noqa: E402
 from replay_server.keys import ReplayKeys  # noqa: E402
+from replay_server.loader import DataSource  # noqa: E402
 from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
-from replay_server.sampler import PrefetchLoader, ReplaySampler  # noqa: E402
+from replay_server.sampler import ReplaySampler  # noqa: E402
 from replay_server.shard import ReplayShard  # noqa: E402
 from replay_server.synthetic import SyntheticActor, pong_frames  # noqa: E402
 from replay_server.writer import ReplayWriter  # noqa: E402
@@ -154,6 +166,78 @@ def run_writers(url, codec, pool, mode, seconds, envs, steps, procs=2):
     return sum(n for n, _ in out), time.perf_counter() - t0
 
 
+def timed_batches(get, n: int) -> float:
+    """Transitions/s of ``n`` batches from ``get()`` (after a warm-up that empties
+    whatever was prefetched while idle)."""
+    for _ in range(6):
+        get()
+    t, rows = time.perf_counter(), 0
+    for _ in range(n):
+        rows += len(get())
+    return rows / (time.perf_counter() - t)
+
+
+def loader_rate(sampler: ReplaySampler, batch: int, procs: int, n: int) -> float:
+    """Transitions/s a learner gets from a DataSource with ``procs`` loader processes."""
+    with DataSource(sampler, batch, workers=procs, prefetch=4, timeout=60) as data:
+        return timed_batches(lambda: data.sample(0.4), n)
+
+
+def thread_rate(sampler: ReplaySampler, batch: int, threads: int, n: int) -> float:
+    """Transitions/s of ``threads`` threads running ``sampler.sample`` into a queue."""
+    q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            b = sampler.sample(batch, 0.4)
+            while not stop.is_set():
+                try:
+                    q.put(b, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    ts = [threading.Thread(target=work, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    try:
+        return timed_batches(lambda: q.get(timeout=60), n)
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+
+
+def loader_figures(sampler: ReplaySampler, args) -> dict:
+    """Loader processes (1, 2, ... up to the cores) and threads (1, 2), measured
+    in alternating rounds; each scaling figure is the median of per-round ratios."""
+    procs = [1, 2] + [p for p in (4, 8, 16) if p <= (os.cpu_count() or 1)]
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for p in procs:
+            rates.setdefault(f"p{p}", []).append(
+                loader_rate(sampler, args.batch, p, args.sample_batches)
+            )
+        for t in (1, 2):
+            rates.setdefault(f"t{t}", []).append(
+                thread_rate(sampler, args.batch, t, args.sample_batches)
+            )
+    out: dict = {}
+    for p in procs:
+        out[f"loader_{p}_procs_per_s"] = round(statistics.median(rates[f"p{p}"]), 1)
+    for p in procs[1:]:
+        ratios = [a / b for a, b in zip(rates[f"p{p}"], rates["p1"], strict=True)]
+        out[f"loader_scaling_{p}"] = round(statistics.median(ratios), 3)
+        out[f"loader_scaling_{p}_rounds"] = [round(r, 3) for r in ratios]
+    for t in (1, 2):
+        out[f"loader_{t}_threads_per_s"] = round(statistics.median(rates[f"t{t}"]), 1)
+    ratios = [a / b for a, b in zip(rates["t2"], rates["t1"], strict=True)]
+    out["loader_threads_2_over_1"] = round(statistics.median(ratios), 3)
+    out["loader_scaling_goal"] = 1.6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,6 +253,8 @@ def main() -> None:
     ap.add_argument("--insert-seconds", type=float, default=8.0)
     ap.add_argument("--sample-batches", type=int, default=40)
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of the loader figures")
+    ap.add_argument("--skip-inserts", action="store_true", help="no insert figures (faster)")
     args = ap.parse_args()
 
     pool = pong_frames(8, args.pool_steps, game=args.env)
@@ -176,7 +262,7 @@ def main() -> None:
     res["codecs"] = codec_table(pool)
 
     with EmbeddedRedis(None, appendonly=False) as server:
-        client = redis.Redis.from_url(server.url)
+        client = redis.Redis.from_url(server.admin_url)  # INFO, FLUSHALL
         # ---- bytes per transition ------------------------------------------
         shard = ReplayShard(server.url, capacity=max(args.transitions, 1) * 2, seed=0)
         base = int(client.info("memory")["used_memory"])
@@ -209,42 +295,53 @@ def main() -> None:
         }
         # ---- sampling ------------------------------------------------------
         sampler = ReplaySampler([shard], [server.url], args.codec, min_size=1, seed=0)
-        sampler.sample(args.batch, 0.4)
-        t = time.perf_counter()
-        got = sum(len(sampler.sample(args.batch, 0.4)) for _ in range(args.sample_batches))
-        ours = got / (time.perf_counter() - t)  # batches are dropped at once, as a learner does
-        # Baseline: the same batches from a numpy ring of raw frames (one core).
         draws = [shard.sample(args.batch) for _ in range(args.sample_batches)]
         all_ids = np.unique(
             np.concatenate([np.concatenate([d.obs_ids, d.next_obs_ids]).ravel() for d in draws])
+        )
+        res["distinct_frames_per_batch"] = round(
+            float(
+                np.mean(
+                    [np.unique(np.concatenate([d.obs_ids, d.next_obs_ids])).size for d in draws]
+                )
+            ),
+            1,
         )
         ring = pool[np.arange(all_ids.size) % len(pool)].copy()  # uncompressed frames in RAM
         idx = [
             (np.searchsorted(all_ids, d.obs_ids), np.searchsorted(all_ids, d.next_obs_ids))
             for d in draws
         ]
-        t = time.perf_counter()
-        for o, n in idx:
-            ring[o], ring[n]  # noqa: B018 (the gather is the work)
-        base_rate = args.batch * len(idx) / (time.perf_counter() - t)
+
+        def ring_rate() -> float:  # the same batches from a numpy ring of raw frames
+            t = time.perf_counter()
+            for o, n in idx:
+                ring[o], ring[n]  # noqa: B018 (the gather is the work)
+            return args.batch * len(idx) / (time.perf_counter() - t)
+
+        def sample_rate() -> float:  # batches are dropped at once, as a learner does
+            t = time.perf_counter()
+            got = sum(len(sampler.sample(args.batch, 0.4)) for _ in range(args.sample_batches))
+            return got / (time.perf_counter() - t)
+
+        sampler.sample(args.batch, 0.4)
+        ring_rate()
+        pairs = [(sample_rate(), ring_rate()) for _ in range(args.rounds)]
+        ours = statistics.median(a for a, _ in pairs)
         res["sample_transitions_per_s"] = round(ours, 1)
-        res["sample_baseline_numpy_ring_per_s"] = round(base_rate, 1)
-        res["sample_ratio"] = round(ours / base_rate, 3)
-        res["sample_ratio_goal"] = 0.2
-        # Loader threads: do 2 workers beat 1 (is the GIL released enough)?
-        for workers in (1, 2):
-            loader = PrefetchLoader(lambda: sampler.sample(args.batch, 0.4), workers, 4)
-            loader.get(timeout=30)
-            t, n = time.perf_counter(), 0
-            for _ in range(args.sample_batches):
-                n += len(loader.get(timeout=30))
-            res[f"loader_{workers}_workers_per_s"] = round(n / (time.perf_counter() - t), 1)
-            loader.close()
-        res["loader_2_over_1"] = round(
-            res["loader_2_workers_per_s"] / res["loader_1_workers_per_s"], 2
+        res["sample_baseline_numpy_ring_per_s"] = round(statistics.median(b for _, b in pairs), 1)
+        res["sample_ratio"] = round(statistics.median(a / b for a, b in pairs), 3)
+        res["sample_ratio_goal"] = 0.33 if args.transitions >= 2_000_000 else 0.25
+        res.update(loader_figures(sampler, args))
+        res["loader_1_ratio"] = round(
+            res["loader_1_procs_per_s"] / res["sample_baseline_numpy_ring_per_s"], 3
         )
-        shard.client.close()
+        shard.stop()
         client.flushall()
+        if args.skip_inserts:
+            res["cpus"] = os.cpu_count()
+            print(json.dumps(res))
+            return
 
         # ---- inserts -------------------------------------------------------
         shard = ReplayShard(server.url, capacity=200_000, seed=0)
@@ -270,12 +367,18 @@ def main() -> None:
         ours_ins = stored / (secs + drain)
         client.flushall()
         raw_n, raw_secs = run_writers(
-            server.url, args.codec, pool, "raw", args.insert_seconds, args.envs, args.steps
+            server.admin_url, args.codec, pool, "raw", args.insert_seconds, args.envs, args.steps
         )
         raw_rate = raw_n / raw_secs
         client.flushall()
         mset_n, mset_secs = run_writers(
-            server.url, args.codec, pool, "raw-mset", args.insert_seconds, args.envs, args.steps
+            server.admin_url,
+            args.codec,
+            pool,
+            "raw-mset",
+            args.insert_seconds,
+            args.envs,
+            args.steps,
         )
         res["insert_baseline_raw_mset_per_s"] = round(mset_n / mset_secs, 1)
         res["insert_ratio_vs_raw_mset"] = round(ours_ins / (mset_n / mset_secs), 3)

@@ -83,7 +83,7 @@ class ReplayConfig:
         8.0,
         "max sampled/inserted transitions ratio (learner waits above it); 0 = unlimited",
     )
-    loader_workers: int = _f(2, "parallel sampling/decoding workers feeding the learner")
+    loader_workers: int = _f(2, "loader processes (fetch + decode) feeding the learner")
     prefetch: int = _f(4, "batches queued ahead of the learner")
     data_dir: str = _f("", "directory for embedded redis-server data (default: LOGDIR/redis)")
 

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import redis
 
 from replay_server.loader import DataSource
 from replay_server.protocol import ReplayUnavailable
@@ -26,31 +25,15 @@ from tests.test_replay_loader import expected_stacks, wait_for
 from tests.test_replay_sampler import filled_shard
 
 
-def flush_aof(url: str) -> None:
-    """Rewrite the AOF now and wait until it is on disk (then a kill -9 loses nothing)."""
-    c = redis.Redis.from_url(url)
-    c.bgrewriteaof()
-    wait_for(
-        lambda: (
-            c.info("persistence")["aof_rewrite_in_progress"] == 0
-            and c.info("persistence")["aof_rewrite_scheduled"] == 0
-        ),
-        30,
-        "the AOF rewrite",
-    )
-    c.close()
-
-
 def test_redis_killed_and_restarted_under_the_loader(tmp_path, make_pong_actor, pong_frames):
     server = EmbeddedRedis(str(tmp_path / "redis"), appendonly=True)
     try:
         rec: dict = {}
         shard = filled_shard(server.url, make_pong_actor, pong_frames, pushes=2, record=rec)
-        flush_aof(server.url)
         sampler = ReplaySampler([shard], [server.url], min_size=1, seed=0)
         with DataSource(sampler, batch_size=32, workers=2, prefetch=1, timeout=0.5) as data:
             assert wait_for(lambda: data.sample(0.4), 30, "a first batch") is not None
-            server.kill()  # SIGKILL
+            server.kill()  # SIGKILL: acknowledged writes are in the AOF already
 
             # The learner keeps asking: it gets the prefetched batches, then None,
             # and the source says since when the replay is unavailable.
@@ -63,7 +46,7 @@ def test_redis_killed_and_restarted_under_the_loader(tmp_path, make_pong_actor, 
                 data.sample(0.4)
             assert data.sample(0.4) is None
             assert "unavailable" in data.status().last_outage
-            server = EmbeddedRedis(str(tmp_path / "redis"), port=server.port, appendonly=True)
+            server.restart()  # same port, data directory and passwords: it reloads its AOF
             batch = wait_for(lambda: data.sample(0.4), 60, "batches after the restart")
             st = data.status()
             assert st.unavailable_s is None and st.outages == 1 and st.outage_s > 0

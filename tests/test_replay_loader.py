@@ -110,7 +110,7 @@ def test_a_non_outage_error_surfaces(redis_url, redis_server, make_pong_actor, p
     """A Redis that refuses MGET for a reason that is not an outage (ACL: NOPERM)
     is a bug to report, not to wait out."""
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=1)
-    admin = redis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_server.admin_url)
     admin.execute_command("ACL", "SETUSER", "nomget", "on", ">pw", "~*", "+@all", "-mget")
     try:
         url = f"redis://nomget:pw@127.0.0.1:{redis_server.port}/0"
