@@ -1,12 +1,14 @@
 """Fetch a batch's frames from the shards' Redis and decode them in place.
 
 The hot path of the learner's data: for the rows one shard contributed to a
-batch, ``FrameFetcher.fetch`` sends ONE ``MGET`` of the rows' distinct frame ids,
-decodes each frame once straight into its first position in the caller's frame
-array (``FrameCodec.decode_into``: no intermediate bytes, no join, no gather),
-then copies it to the other positions that share it (s_t and s_{t+n} share a
-frame; rows share frames). Measured in ``bench/replay.py``; the README says why
-each step is shaped this way.
+batch, ``FrameFetcher.fetch`` asks for the rows' distinct frame ids in one round
+trip (MGETs of ``MGET_CHUNK`` keys, all sent at once, the command bytes packed by
+numpy), decodes each chunk as its reply arrives (so Redis prepares the next
+reply meanwhile), each frame once and straight into its first position in the
+caller's frame array (``FrameCodec.decode_into``: no intermediate bytes, no
+join, no gather), then copies it to the other positions that share it (s_t and
+s_{t+n} share a frame; rows share frames). Measured in ``bench/replay.py``; the
+README says why each step is shaped this way.
 
 Positions: the caller owns ``frames: uint8[P, 84, 84]`` and says where each
 row's 8 frames go (``pos: int64[b, 8]``: s then s'); `stack_positions` gives the
@@ -20,6 +22,8 @@ next call.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +35,7 @@ from replay_server.keys import ReplayKeys
 from replay_server.protocol import replay_errors
 from replay_server.redis_proc import redact
 
-MGET_CHUNK = 4096  # keys per MGET (one round trip for all chunks)
+MGET_CHUNK = 512  # keys per MGET; all chunks go in one round trip, see _mget_chunks
 
 
 def stack_positions(rows: np.ndarray, capacity: int) -> np.ndarray:
@@ -133,14 +137,21 @@ class FrameFetcher:
             return FetchResult(np.zeros(0, bool))
         flat = ids.reshape(-1)
         uniq, first, inv = np.unique(flat, return_index=True, return_inverse=True)
-        blobs = self._mget(k, uniq)
-        good = np.fromiter((x is not None for x in blobs), bool, len(blobs))
-        missing = int(len(blobs) - good.sum())
         dest = pos.reshape(-1)[first]  # each distinct frame decodes into its first position
-        present = np.flatnonzero(good)
-        if missing:
-            blobs = [blobs[i] for i in present]
-        corrupt = self._decode(k, blobs, frames, dest[present], good, present)
+        good = np.ones(uniq.size, bool)
+        missing = corrupt = 0
+        # Decode each chunk as its reply arrives while Redis answers the next ones.
+        with closing(self._mget_chunks(k, uniq)) as replies:
+            for lo, blobs in replies:
+                idx = np.arange(lo, lo + len(blobs))
+                gone = blobs.count(None)
+                if gone:
+                    missing += gone
+                    keep = np.array([x is not None for x in blobs])
+                    good[idx[~keep]] = False
+                    idx = idx[keep]
+                    blobs = [x for x in blobs if x is not None]
+                corrupt += self._decode(k, blobs, frames, dest[idx], good, idx)
         ok = good[inv].reshape(b, 2 * STACK).all(axis=1)
         # Copy each distinct frame to its other positions (rows that kept all frames).
         dup = np.ones(flat.size, bool)
@@ -202,24 +213,29 @@ class FrameFetcher:
         rec[:, h + 8 :] = (13, 10)
         return b"*%d\r\n$4\r\nMGET\r\n" % (m + 1) + rec.tobytes()
 
-    def _mget(self, k: int, ids: np.ndarray) -> list[bytes | None]:
-        """Values of the frame keys of ids (None where missing), one round trip."""
-        chunks = [ids[i : i + MGET_CHUNK] for i in range(0, ids.size, MGET_CHUNK)]
-        with replay_errors(self._where[k]):
-            conn = self._conns[k]
-            if conn is None:
-                conn = self._conns[k] = self._client(k).connection_pool.get_connection()
-            try:
-                conn.send_packed_command([self.mget_command(c) for c in chunks], check_health=False)
-                out: list[bytes | None] = []
-                for c in chunks:
+    def _mget_chunks(self, k: int, ids: np.ndarray) -> Iterator[tuple[int, list[bytes | None]]]:
+        """(first index, values) per chunk of ``MGET_CHUNK`` ids (None where a key
+        is missing): every chunk's MGET is sent at once (one round trip), and each
+        reply is yielded as it arrives. Close the generator when done: a reply
+        left unread closes the connection."""
+        chunks = [(i, ids[i : i + MGET_CHUNK]) for i in range(0, ids.size, MGET_CHUNK)]
+        where, done = self._where[k], 0
+        conn = self._conns[k]
+        try:
+            with replay_errors(where):
+                if conn is None:
+                    conn = self._conns[k] = self._client(k).connection_pool.get_connection()
+                cmd = b"".join(self.mget_command(c) for _, c in chunks)
+                conn.send_packed_command([cmd], check_health=False)  # one sendall
+            for lo, c in chunks:
+                with replay_errors(where):
                     reply = conn.read_response()
-                    if not isinstance(reply, list) or len(reply) != c.size:
-                        raise redis.ResponseError(
-                            f"MGET of {c.size} keys answered {type(reply).__name__}"
-                        )
-                    out += reply
-            except BaseException:
+                if not isinstance(reply, list) or len(reply) != c.size:
+                    raise redis.ResponseError(
+                        f"MGET of {c.size} keys answered {type(reply).__name__}"
+                    )
+                done += 1
+                yield lo, reply
+        finally:
+            if done < len(chunks) and conn is not None:
                 conn.disconnect()  # a half-read reply must not be read by the next call
-                raise
-        return out
