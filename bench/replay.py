@@ -26,7 +26,9 @@ same run (same machine, same moment):
   ``loader_threads_2_over_1``: the same for 2 threads running ``sample`` in this
   process against 1 (what processes replaced).
 * ``codecs``: bytes/frame and encode/decode MB/s (raw frame bytes per second)
-  per codec, in the per-frame Python calls the replay really makes.
+  per codec, in the per-frame Python calls the replay really makes;
+  ``decode_into_us_per_frame`` is the loader's path (`FrameCodec.decode_into`:
+  straight into scattered rows of a batch-sized array).
 
     python bench/replay.py                    # defaults: 100k transitions
     python bench/replay.py --transitions 20000 --insert-seconds 3   # quick
@@ -51,7 +53,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.types import FRAME_BYTES, TransitionBatch  # noqa: E402
+from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch  # noqa: E402
 from common.wire import CODEC_IDS, FrameCodec, encode_batch, train_zstd_dictionary  # noqa: E402
 from replay_server.keys import ReplayKeys  # noqa: E402
 from replay_server.loader import DataSource  # noqa: E402
@@ -80,12 +82,21 @@ def codec_table(frames: np.ndarray, decode_n: int = 3534) -> dict:
         for _ in range(reps):
             codec.decode(many)
         dec = (time.perf_counter() - t) / reps
+        # decode_into: what the loader does (straight into scattered batch rows)
+        out = np.empty((2 * decode_n, *FRAME_SHAPE), np.uint8)
+        rows = np.random.default_rng(0).permutation(len(out))[:decode_n]
+        codec.decode_into(many, out, rows)
+        t = time.perf_counter()
+        for _ in range(reps):
+            codec.decode_into(many, out, rows)
+        dec_into = (time.perf_counter() - t) / reps
         out[name] = {
             "bytes_per_frame": round(float(np.mean([len(b) for b in blobs])), 1),
             "ratio": round(FRAME_BYTES / float(np.mean([len(b) for b in blobs])), 1),
             "encode_MBps": round(len(test) * FRAME_BYTES / enc / 1e6, 1),
             "decode_MBps": round(decode_n * FRAME_BYTES / dec / 1e6, 1),
             "decode_us_per_frame": round(dec / decode_n * 1e6, 2),
+            "decode_into_us_per_frame": round(dec_into / decode_n * 1e6, 2),
         }
     return out
 

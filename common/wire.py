@@ -179,8 +179,11 @@ class FrameCodec:
         exactly 7,056 bytes, and no decoder can write more than that: lz4 and
         ``none`` write into the destination frame itself (bounded by its size);
         zstd frames must declare a 7,056-byte content size in their header, which
-        zstd then enforces. Raises :class:`WireError` on the first bad frame
-        (frames before it are already written); the message names its index.
+        zstd then enforces. When every frame is zstd of one kind, they are decoded
+        as one stream into a reused buffer of exactly m frames and then copied to
+        their rows (no per-frame allocation: measured faster, see the README).
+        Raises :class:`WireError` on a bad frame (frames before it may already be
+        written); the message names its index where it is known.
         """
         m = len(blobs)
         rows = np.asarray(rows)
@@ -196,6 +199,13 @@ class FrameCodec:
             raise ValueError(
                 f"rows must lie in [0, {out.shape[0]}), got {rows.min()}..{rows.max()}"
             )
+        head = blobs[0][:2] if isinstance(blobs[0], bytes) else b""
+        if len(head) == 2 and head[0] == _FRAME_TAG and head[1] in (2, 3):
+            try:
+                self._zstd_stream_into(blobs, out, rows, head)
+                return
+            except _Mixed:
+                pass  # frames of several codecs: one at a time below
         dst = memoryview(out).cast("B")
         offsets = (rows.astype(np.int64) * FRAME_BYTES).tolist()
         fb = FRAME_BYTES
@@ -213,6 +223,46 @@ class FrameCodec:
         except (TypeError, ValueError, cramjam.DecompressionError, zstandard.ZstdError) as exc:
             what = type(blobs[i]).__name__
             raise WireError(f"frame {i} of {m} ({what}) is not a valid frame: {exc}") from None
+
+    def _zstd_stream_into(
+        self, blobs: Sequence[bytes], out: np.ndarray, rows: np.ndarray, head: bytes
+    ) -> None:
+        """`decode_into` for m frames that all carry ``head`` (zstd or zstd-dict):
+        each must declare 7,056 bytes (checked before anything is decoded; zstd
+        enforces the declared size of every frame), and the stream must decode to
+        exactly m frames. Raises _Mixed when a header differs."""
+        size_of = zstandard.frame_content_size
+        parts = []
+        try:
+            for i, b in enumerate(blobs):
+                if b[:2] != head:  # TypeError for None: the per-frame path reports it
+                    raise _Mixed
+                p = memoryview(b)[2:]
+                if size_of(p) != FRAME_BYTES:
+                    raise WireError(f"frame {i}: zstd frame does not declare {FRAME_BYTES} bytes")
+                parts.append(p)
+        except (TypeError, zstandard.ZstdError):
+            raise _Mixed from None
+        m, want = len(parts), len(parts) * FRAME_BYTES
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.size < want:
+            buf = self._local.scratch = np.empty(want, np.uint8)
+        view, got = memoryview(buf)[:want], 0
+        try:
+            reader = self._zstd(head[1] == 3, compress=False).stream_reader(
+                b"".join(parts), read_across_frames=True
+            )
+            while got < want:
+                n = reader.readinto(view[got:])
+                if n == 0:
+                    break
+                got += n
+            extra = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise WireError(f"corrupt {CODEC_NAMES[head[1]]} frame among {m}: {exc}") from None
+        if got != want or extra:
+            raise WireError(f"{m} zstd frames decoded to {got}{'+' if extra else ''} bytes")
+        out[rows] = buf[:want].reshape(m, *FRAME_SHAPE)
 
     def _into_fn(self, blob: bytes) -> Callable[[memoryview, memoryview], None]:
         """The writer of frames with ``blob``'s header: (payload, 7,056-byte destination)."""

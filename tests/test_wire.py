@@ -48,6 +48,52 @@ def test_any_codec_decodes_mixed_frames(pong_frames, dictionary):
     assert np.array_equal(reader.decode(blobs), frames)
 
 
+@pytest.mark.parametrize("name", list(CODEC_IDS))
+def test_decode_into_writes_each_frame_to_its_row_only(name, pong_frames, dictionary):
+    codec = FrameCodec(name, dictionary if name == "zstd-dict" else None)
+    frames = pong_frames[400:460]
+    out = np.full((100, 84, 84), 7, np.uint8)
+    rows = np.random.default_rng(0).permutation(100)[:60]
+    codec.decode_into(codec.encode(frames), out, rows)
+    assert np.array_equal(out[rows], frames)
+    untouched = np.setdiff1d(np.arange(100), rows)
+    assert (out[untouched] == 7).all()
+
+
+def test_decode_into_mixed_codecs_and_bad_frames(pong_frames, dictionary):
+    import lz4.block
+    import zstandard
+
+    frames = pong_frames[:12]
+    blobs = []
+    for i, name in enumerate(CODEC_IDS):
+        blobs += FrameCodec(name, dictionary).encode(frames[3 * i : 3 * i + 3])
+    reader = FrameCodec("lz4", dictionary)
+    out = np.zeros((12, 84, 84), np.uint8)
+    reader.decode_into(blobs, out, np.arange(12))
+    assert np.array_equal(out, frames)
+    lz4_frame, zstd_frame = blobs[3], blobs[6]
+    over = bytes([0xA1, 1]) + lz4.block.compress(bytes(8000), store_size=False)
+    huge = bytes([0xA1, 2]) + zstandard.ZstdCompressor().compress(bytes(10**7))
+    unsized = bytes([0xA1, 2]) + zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(7056)
+    )
+    for bad, what in [
+        (None, "not a valid frame"),
+        (lz4_frame[:-20], "not a valid frame"),  # truncated
+        (over, "not a valid frame"),  # more than one frame's bytes: never written
+        (huge, "does not declare 7056"),  # checked before zstd allocates 10 MB
+        (unsized, "does not declare 7056"),
+        (zstd_frame[:-5], "zstd frames decoded to 7056 bytes"),
+        (bytes([0xA1, 9]) + lz4_frame[2:], "unknown frame codec id 9"),
+    ]:
+        first = zstd_frame if bad is not None and bad[1:2] == b"\x02" else lz4_frame
+        with pytest.raises(WireError, match=what):
+            reader.decode_into([first, bad], out, np.array([0, 1]))
+    with pytest.raises(ValueError, match="rows must lie"):
+        reader.decode_into(blobs[:1], out, np.array([12]))
+
+
 def test_bad_frames_raise_wire_error(pong_frames):
     codec = FrameCodec("lz4")
     good = codec.encode(pong_frames[:2])
