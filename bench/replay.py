@@ -83,12 +83,12 @@ def codec_table(frames: np.ndarray, decode_n: int = 3534) -> dict:
             codec.decode(many)
         dec = (time.perf_counter() - t) / reps
         # decode_into: what the loader does (straight into scattered batch rows)
-        out = np.empty((2 * decode_n, *FRAME_SHAPE), np.uint8)
-        rows = np.random.default_rng(0).permutation(len(out))[:decode_n]
-        codec.decode_into(many, out, rows)
+        dest = np.empty((2 * decode_n, *FRAME_SHAPE), np.uint8)
+        rows = np.random.default_rng(0).permutation(len(dest))[:decode_n]
+        codec.decode_into(many, dest, rows)
         t = time.perf_counter()
         for _ in range(reps):
-            codec.decode_into(many, out, rows)
+            codec.decode_into(many, dest, rows)
         dec_into = (time.perf_counter() - t) / reps
         out[name] = {
             "bytes_per_frame": round(float(np.mean([len(b) for b in blobs])), 1),
