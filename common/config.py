@@ -151,12 +151,33 @@ class RunConfig:
     seed: int = _f(0, "base random seed")
 
 
+@dataclass
+class EvalConfig:
+    """Greedy evaluation while training runs (`learner.evaluator`): a separate
+    1-CPU Ray actor plays the newest weights under the published protocol (no
+    sticky actions, up to 30 no-op starts, 108K-frame cap, epsilon 0.001), because
+    the training return mixes every actor's epsilon and is not the policy's score."""
+
+    eval_every_minutes: float = _f(
+        10.0,
+        "minutes between evaluations of the newest weights (the learner never waits "
+        "for one); 0 = off",
+    )
+    eval_episodes: int = _f(
+        10, "episodes per evaluation (10: a mean within a few points on most games)"
+    )
+    eval_video_every: int = _f(
+        5, "every K-th evaluation also writes one MP4 to LOGDIR/videos/; 0 = never"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "env": EnvConfig,
     "replay": ReplayConfig,
     "actor": ActorConfig,
     "learner": LearnerConfig,
     "run": RunConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -167,6 +188,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -275,6 +297,15 @@ class Config:
             (run.max_seconds >= 0.0, f"max_seconds={run.max_seconds} must be >= 0"),
             (run.max_frames >= 0, f"max_frames={run.max_frames} must be >= 0"),
             (run.log_every > 0.0, f"log_every={run.log_every} must be > 0"),
+            (
+                self.eval.eval_every_minutes >= 0.0,
+                f"eval_every_minutes={self.eval.eval_every_minutes} must be >= 0 (0 = off)",
+            ),
+            (self.eval.eval_episodes >= 1, f"eval_episodes={self.eval.eval_episodes} must be >= 1"),
+            (
+                self.eval.eval_video_every >= 0,
+                f"eval_video_every={self.eval.eval_video_every} must be >= 0 (0 = never)",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

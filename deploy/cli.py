@@ -28,6 +28,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         "actor": "actors",
         "learner": "learner",
         "run": "run",
+        "eval": "evaluation during training",
     }
     groups = {s: parser.add_argument_group(t) for s, t in titles.items()}
     for section, f in iter_fields():
@@ -67,10 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an agent (default: Pong on local Ray with an embedded redis-server)",
         description="Train an agent. With no flags: ALE/Pong-v5, local Ray, embedded "
         "redis-server, CUDA if available. Flags override --config FILE (TOML/YAML, "
-        "sections [env] [replay] [actor] [learner] [run] holding the same names "
+        "sections [env] [replay] [actor] [learner] [run] [eval] holding the same names "
         "with underscores). Ctrl-C stops cleanly and writes a final checkpoint.",
     )
     train.add_argument("--config", metavar="FILE", help="TOML or YAML config file")
+    train.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and flags, print the resolved config as TOML (passwords "
+        "redacted) and exit 0, or exit 2 with the error; starts no Ray, Redis or env",
+    )
     _add_config_flags(train)
 
     ev = sub.add_parser(
@@ -113,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
+            if args.check:
+                from deploy.check import check
+
+                print(check(cfg), end="")
+                return 0
             from deploy.launcher import LaunchError, train
 
             try:
