@@ -424,6 +424,8 @@ class TrainLoop:
             "replay_size": self.external.get("replay_size"),
             "epsilon_min": self.external.get("epsilon_min"),
             "epsilon_max": self.external.get("epsilon_max"),
+            "episode_return_mean": self.mean_return(),
+            **{k: self.external.get(k) for k in _EXTERNAL_TOTALS},
         }
         steps = self.learner.updates - win.updates
         if steps:
@@ -445,3 +447,13 @@ class _Window:
 
 
 _STEP_SCALARS = ("loss", "q_mean", "td_abs_mean", "grad_norm")
+# run totals a ``poll_external`` answer may carry, recorded as they come (absent: skipped)
+_EXTERNAL_TOTALS = (
+    "replay_bytes",
+    "actor_restarts",
+    "shard_restarts",
+    "replay_outages",
+    "replay_outage_s",
+    "transitions_lost",
+    "orphan_frames_collected",
+)
