@@ -52,7 +52,9 @@ class EnvConfig:
         False, "use all 18 Atari actions instead of the game's minimal set"
     )
     episodic_life: bool = _f(
-        False, "end training episodes on life loss (DQN 2015 trick; off per Machado)"
+        False,
+        "a lost life is a terminal for the learner, the game goes on (DQN 2015; off per "
+        "Machado et al. 2018); ALE only",
     )
     max_episode_frames: int = _f(
         108_000, "emulator frames per episode cap (30 min of play, standard)"

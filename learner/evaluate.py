@@ -138,7 +138,7 @@ def evaluate(
                 greedy = net(torch.from_numpy(stack)).argmax(dim=1).numpy()
             explore = rng.random(parallel) < epsilon
             actions = np.where(explore, rng.integers(0, num_actions, parallel), greedy)
-            frames, rewards, terminated, truncated, reset = env.step(actions.astype(np.int64))
+            frames, rewards, terminated, truncated, reset, _ = env.step(actions.astype(np.int64))
             stack[:, :-1] = stack[:, 1:]
             stack[:, -1] = frames
             stack[reset] = frames[reset][:, None]

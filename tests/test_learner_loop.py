@@ -34,7 +34,7 @@ def catch_transitions() -> dict[str, np.ndarray]:
     episodes: list[tuple[float, int]] = []
     for _ in range(40):
         actions = rng.integers(0, 3, 4)
-        frames, rewards, term, trunc, reset = env.step(actions)
+        frames, rewards, term, trunc, reset, _ = env.step(actions)
         nxt = np.concatenate([stack[:, 1:], frames[:, None]], axis=1)
         nxt[reset] = frames[reset][:, None]
         for i in np.flatnonzero(~reset):
