@@ -9,7 +9,7 @@
 1. inference: Q(s, .) for the E current stacks, one batched CPU forward pass
    (``torch.inference_mode``, 1 thread). These Q-values also complete the
    priorities of the transitions emitted by the previous step (their s').
-2. act epsilon-greedily per env (`actors.exploration`).
+2. act epsilon-greedily per env (rates from `actors.exploration`).
 3. env: step the E envs (one ALE thread); every returned frame is new and gets
    the next frame id; the NEXT_STEP ``reset`` rows start a new stack and yield
    no transition.
@@ -41,12 +41,13 @@ import numpy as np
 import redis
 import torch
 
-from actors.exploration import Exploration, epsilon_greedy
-from actors.nstep import NStepAccumulator, PendingTransitions
+from actors.exploration import Exploration
 from actors.policy import ActingNetwork
-from actors.stacks import FrameStacker
 from common.config import Config
 from common.env import make_vector_env
+from common.exploration import epsilon_greedy
+from common.nstep import NStepAccumulator, PendingTransitions
+from common.stacking import FrameStacker
 from common.types import COUNTER_BITS, FRAME_SHAPE, TransitionBatch
 from common.weights import WeightSubscriber
 from replay_server.redis_proc import ReplayUnavailable

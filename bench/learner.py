@@ -43,8 +43,8 @@ from learner.loop import PriorityWriter  # noqa: E402
 
 def fill_replay(url: str, transitions: int, codec: str, seed: int) -> tuple[object, float]:
     """A ReplayShard on ``url`` holding ``transitions`` real Pong transitions."""
+    from bench.synthetic import SyntheticActor
     from replay_server.shard import ReplayShard
-    from replay_server.synthetic import SyntheticActor
     from replay_server.writer import ReplayWriter
 
     t0 = time.perf_counter()

@@ -62,6 +62,10 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
         f"[apex] {spec.env_id} ({num_actions} actions, sticky {spec.sticky}), "
         f"{cfg.actor.actors} actors x {cfg.actor.envs_per_actor} envs, logdir {logdir}"
     )
+    from actors.exploration import single_env_warning
+
+    if warning := single_env_warning(cfg.actor, cfg.actor.actors):
+        out(f"[apex] warning: {warning}")
 
     _check_redis_urls(cfg)
     stop = threading.Event()
