@@ -133,6 +133,12 @@ class LearnerConfig:
     checkpoint_minutes: float = _f(5.0, "minutes between checkpoints (also written at exit)")
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
+    learner_dtype: str = _f(
+        "auto",
+        "precision of the learner's conv torso: bfloat16 (autocast; heads, targets and "
+        "loss stay float32), float32, or auto: bfloat16 where a start-up probe times it faster",
+        ("auto", "float32", "bfloat16"),
+    )
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
 
 

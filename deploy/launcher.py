@@ -259,6 +259,7 @@ def _run(
     shard_handles = start_shards(cfg, urls, capacity_per_shard)
     shards = [RemoteShard(h) for h in shard_handles]
     learner = Learner(cfg, num_actions, cfg.learner.device)
+    out(f"[apex] learner: {learner.device}, {learner.dtype} ({learner.dtype_reason})")
     if resume_state is not None:
         learner.load_state_dict(resume_state)
     batch_size = cfg.batch_size(learner.device.type)
