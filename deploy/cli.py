@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="play a checkpoint, print raw scores, write MP4 videos",
-        description="Play a checkpoint under the standard protocol (up to 30 no-op "
-        "starts, 108,000-frame cap) with a small epsilon; print each episode's raw "
-        "score, the mean/median/max and the human-normalized score.",
+        description="Play a checkpoint under the published protocol that the human and "
+        "random reference scores use (no sticky actions, up to 30 no-op starts, "
+        "108,000-frame cap, epsilon 0.001), or with --sticky-actions the ALE/*-v5 "
+        "protocol (sticky actions 0.25, no no-op starts); print the protocol, each "
+        "episode's raw score, the mean/median/max and the human-normalized score.",
     )
     ev.add_argument("checkpoint", help="checkpoint file written by 'apex-dqn train'")
     ev.add_argument("--episodes", type=int, default=10, help="episodes to play (default: 10)")
@@ -88,7 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--video-dir", metavar="DIR", help="write one MP4 per episode here")
     ev.add_argument("--env", help="play another id of the same game (e.g. PongNoFrameskip-v4)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    ev.add_argument("--json", metavar="PATH", help="also write the scores as JSON here")
+    ev.add_argument(
+        "--sticky-actions",
+        action="store_true",
+        help="play the ALE/*-v5 protocol: sticky actions 0.25, no no-op starts "
+        "(Machado et al. 2018); default: the published no-op-starts protocol",
+    )
+    ev.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON here (protocol, raw scores, mean, median, "
+        "human-normalized)",
+    )
+
     return parser
 
 
@@ -147,6 +161,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             video_dir=args.video_dir,
             env_override=args.env,
             seed=args.seed,
+            sticky=args.sticky_actions,
         )
     except CheckpointError as exc:
         print(f"apex-dqn evaluate: error: {exc}", file=sys.stderr)
