@@ -1,4 +1,4 @@
-"""The ``apex-dqn`` command line: ``train`` and ``evaluate``.
+"""The ``apex-dqn`` command line: ``train``, ``evaluate`` and ``plot``.
 
 Every `common.config` field is a ``train`` flag (``envs_per_actor`` ->
 ``--envs-per-actor``). Precedence: defaults < ``--config FILE`` < flags.
@@ -103,6 +103,31 @@ def build_parser() -> argparse.ArgumentParser:
         "human-normalized)",
     )
 
+    plot = sub.add_parser(
+        "plot",
+        help="draw training curves of runs into one PNG",
+        description="Read the TensorBoard logs of one or more runs (RUN_DIR or "
+        "RUN_DIR/tb) and draw, in one PNG, episode return against env frames and "
+        "against wall-clock minutes (runs overlaid, labelled; evaluation returns "
+        "too when the runs have them), plus updates/s and env frames/s.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--logdir)")
+    plot.add_argument(
+        "-o", "--output", default="curves.png", help="PNG to write (default: curves.png)"
+    )
+    plot.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="legend label per run, in order (default: the run directory's name)",
+    )
+    plot.add_argument(
+        "--smooth",
+        type=int,
+        default=100,
+        help="episodes in the moving average of training returns (default: 100)",
+    )
+    plot.add_argument("--title", help="figure title")
     return parser
 
 
@@ -137,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "plot":
+            return _plot(args)
     except ConfigError as exc:
         print(f"apex-dqn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -169,6 +196,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from learner.plot import PlotError, plot_runs
+
+    if args.smooth < 1:
+        raise ConfigError(f"--smooth={args.smooth} must be >= 1")
+    try:
+        path = plot_runs(
+            args.runs, args.output, labels=args.label, smooth=args.smooth, title=args.title
+        )
+    except PlotError as exc:
+        print(f"apex-dqn plot: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path}")
     return 0
 
 
