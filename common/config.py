@@ -79,7 +79,11 @@ class ReplayConfig:
         ("lz4", "zstd", "zstd-dict", "none"),
     )
     alpha: float = _f(0.6, "priority exponent (Schaul et al. 2016, Ape-X)")
-    beta: float = _f(0.4, "importance-weight exponent at start, annealed to 1 (Ape-X)")
+    beta: float = _f(
+        0.4,
+        "importance-weight exponent at start (Ape-X: 0.4), annealed to 1 (Schaul et al. "
+        "2016; Ape-X kept it fixed)",
+    )
     beta_anneal_updates: int = _f(1_000_000, "learner updates over which beta reaches 1")
     samples_per_insert: float = _f(
         8.0,
