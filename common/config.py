@@ -52,7 +52,9 @@ class EnvConfig:
         False, "use all 18 Atari actions instead of the game's minimal set"
     )
     episodic_life: bool = _f(
-        False, "end training episodes on life loss (DQN 2015 trick; off per Machado)"
+        False,
+        "a lost life is a terminal for the learner, the game goes on (DQN 2015; off per "
+        "Machado et al. 2018); ALE only",
     )
     max_episode_frames: int = _f(
         108_000, "emulator frames per episode cap (30 min of play, standard)"
@@ -77,7 +79,11 @@ class ReplayConfig:
         ("lz4", "zstd", "zstd-dict", "none"),
     )
     alpha: float = _f(0.6, "priority exponent (Schaul et al. 2016, Ape-X)")
-    beta: float = _f(0.4, "importance-weight exponent at start, annealed to 1 (Ape-X)")
+    beta: float = _f(
+        0.4,
+        "importance-weight exponent at start (Ape-X: 0.4), annealed to 1 (Schaul et al. "
+        "2016; Ape-X kept it fixed)",
+    )
     beta_anneal_updates: int = _f(1_000_000, "learner updates over which beta reaches 1")
     samples_per_insert: float = _f(
         8.0,
@@ -131,6 +137,12 @@ class LearnerConfig:
     checkpoint_minutes: float = _f(5.0, "minutes between checkpoints (also written at exit)")
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
+    learner_dtype: str = _f(
+        "auto",
+        "precision of the learner's conv torso: bfloat16 (autocast; heads, targets and "
+        "loss stay float32), float32, or auto: bfloat16 where a start-up probe times it faster",
+        ("auto", "float32", "bfloat16"),
+    )
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
 
 

@@ -62,6 +62,10 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
         f"[apex] {spec.env_id} ({num_actions} actions, sticky {spec.sticky}), "
         f"{cfg.actor.actors} actors x {cfg.actor.envs_per_actor} envs, logdir {logdir}"
     )
+    from actors.exploration import single_env_warning
+
+    if warning := single_env_warning(cfg.actor, cfg.actor.actors):
+        out(f"[apex] warning: {warning}")
 
     _check_redis_urls(cfg)
     stop = threading.Event()
@@ -255,6 +259,7 @@ def _run(
     shard_handles = start_shards(cfg, urls, capacity_per_shard)
     shards = [RemoteShard(h) for h in shard_handles]
     learner = Learner(cfg, num_actions, cfg.learner.device)
+    out(f"[apex] learner: {learner.device}, {learner.dtype} ({learner.dtype_reason})")
     if resume_state is not None:
         learner.load_state_dict(resume_state)
     batch_size = cfg.batch_size(learner.device.type)

@@ -44,7 +44,7 @@ from collections import deque
 import numpy as np
 import redis
 
-from common.types import STACK
+from common.types import PRIORITY_FLOOR, STACK
 from common.wire import WireError, decode_batch
 from replay_server.frame_groups import FrameGroups
 from replay_server.keys import ReplayKeys
@@ -63,7 +63,7 @@ RECORD_DTYPE = np.dtype(
     ]
 )  # ids = s (4 frame ids, oldest first) then s' (4); prio = initial priority
 RECORDS_PER_CHUNK = 4096
-MIN_PRIORITY = 1e-6
+MIN_PRIORITY = PRIORITY_FLOOR  # the same floor as the actors' initial priorities
 SLOT_BITS = 56  # keys are slots < 2**56; the sampler puts the shard index above
 
 
