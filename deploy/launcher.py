@@ -7,7 +7,8 @@
   3. Redis: check the ``--redis-url`` shard(s) (before Ray starts), or start one
      embedded redis-server per shard with its data under LOGDIR/redis;
   4. start the named Ray actors (weights store, replay shards, env actors;
-     see `deploy.fleet`);
+     see `deploy.fleet`; and ``apex-eval`` unless --eval-every-minutes is 0,
+     see `deploy.evaluation`);
   5. run the learner's `TrainLoop` in this process (the driver takes the GPU when
      its node has one), fed by a prefetching sampler over the replay shards;
   6. on the time/frame limit, Ctrl-C or SIGTERM: stop the actors, write the final
@@ -145,9 +146,10 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
         return
     address = cfg.run.ray_address or None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "namespace": "apex-dqn"}
+    evaluator = 1 if cfg.eval.eval_every_minutes > 0 else 0  # apex-eval's CPU
     if address is None:
         cpus = os.cpu_count() or 2
-        kwargs["num_cpus"] = max(cpus, cfg.actor.actors)
+        kwargs["num_cpus"] = max(cpus, cfg.actor.actors + evaluator)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
         if cfg.actor.actors > cpus:
             out(f"[apex] warning: {cfg.actor.actors} actors on {cpus} CPUs; they will share cores")
@@ -167,10 +169,11 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
         if url:
             out(f"[apex] Ray dashboard: http://{url}")
         cpus_total = ray.cluster_resources().get("CPU", 0)
-        if address is not None and cpus_total < cfg.actor.actors:
+        if address is not None and cpus_total < cfg.actor.actors + evaluator:
             out(
                 f"[apex] warning: the cluster has {cpus_total:g} CPUs for {cfg.actor.actors} "
-                "actors; the rest wait for nodes (autoscaler)"
+                f"actors{' + 1 evaluator' if evaluator else ''}; the rest wait for nodes "
+                "(autoscaler)"
             )
         yield
     finally:
@@ -303,6 +306,7 @@ def _run(
     fleet = ActorFleet(
         cfg, urls, start_frames=int(((resume_state or {}).get("counters") or {}).get("frames", 0))
     )
+    evaluation = _evaluation(cfg, logdir, metrics, num_actions, out)
     loop = TrainLoop(
         cfg,
         learner,
@@ -314,6 +318,7 @@ def _run(
         checkpoint_path=str(logdir / "checkpoint.pt"),
         counters=(resume_state or {}).get("counters"),
         log=out,
+        evaluation=evaluation,
     )
     try:
         summary = loop.run(stop)
@@ -325,7 +330,12 @@ def _run(
             actor_restarts=last.get("actor_restarts", 0),
             logdir=str(logdir),
         )
+        if evaluation is not None:
+            evaluation.close()  # takes an evaluation that finished in the meantime
+            summary.update(evaluation.summary())
     finally:
+        if evaluation is not None:
+            evaluation.close()
         fleet.stop()
         loader.close()
         for h in shard_handles:
@@ -336,6 +346,24 @@ def _run(
         metrics.close()
         budget.close()
     return summary
+
+
+def _evaluation(
+    cfg: Config, logdir: Path, metrics: Any, num_actions: int, out: Callable[[str], None]
+) -> Any:
+    """`PeriodicEvaluation` on the ``apex-eval`` actor, or None when turned off."""
+    if cfg.eval.eval_every_minutes <= 0:
+        return None
+    from deploy.evaluation import RayEvalBackend
+    from learner.evaluator import PeriodicEvaluation
+
+    out(
+        f"[apex] evaluation: {cfg.eval.eval_episodes} episodes every "
+        f"{cfg.eval.eval_every_minutes:g} min on apex-eval -> {logdir / 'evals.jsonl'}"
+    )
+    return PeriodicEvaluation(
+        cfg, logdir, RayEvalBackend(cfg, num_actions), metrics, cfg.env.env, num_actions, log=out
+    )
 
 
 class InsertBudget:
