@@ -297,6 +297,11 @@ def _run(
         stats["replay_size"] = sum(s.size for s in shard_stats)
         stats["inserted"] = sum(s.inserted_total for s in shard_stats)
         stats["replay_bytes"] = sum(s.bytes_used for s in shard_stats)
+        # fault totals for the metrics (and the Grafana dashboard's fault panels)
+        stats["replay_outages"] = sum(s.outages for s in shard_stats)
+        stats["replay_outage_s"] = sum(s.outage_s for s in shard_stats)
+        stats["orphan_frames_collected"] = sum(s.orphans_collected for s in shard_stats)
+        stats["transitions_lost"] = stats.get("dropped", 0)
         budget.update(sampler.stats()["sampled"])
         last.update(stats)
         return stats

@@ -31,6 +31,7 @@ def catch_config(**eval_kw) -> Config:
     cfg = Config()
     cfg.env.env = "ApexCatch-v0"
     cfg.learner.device = "cpu"
+    cfg.learner.learner_dtype = "float32"  # no start-up precision probe: weights are all we need
     cfg.eval.eval_every_minutes = 1.0
     cfg.eval.eval_episodes = 12
     cfg.eval.eval_video_every = 2

@@ -45,6 +45,7 @@ def test_the_apex_eval_actor_plays_and_survives_kill_9(ray_local):
     cfg = Config()
     cfg.env.env = "ApexCatch-v0"
     cfg.eval.eval_episodes = 6
+    cfg.learner.learner_dtype = "float32"  # no start-up precision probe
     backend = RayEvalBackend(cfg, 3)
     try:
         assert backend.poll() is None  # nothing submitted
@@ -148,6 +149,11 @@ def test_a_run_records_evaluations_and_keeps_the_best(tmp_path):
     acc.Reload()
     tb = [(e.step, e.value) for e in acc.Scalars("eval_return_mean")]
     assert tb == [(r["env_frames"], pytest.approx(r["eval_return_mean"])) for r in records]
+    # the totals the dashboard's replay and fault panels plot are recorded too
+    faults = ("replay_outages", "replay_outage_s", "transitions_lost", "orphan_frames_collected")
+    assert set(faults) | {"replay_bytes", "actor_restarts"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("replay_bytes")[-1].value > 0
+    assert all(acc.Scalars(name)[-1].value == 0 for name in ("replay_outages", "actor_restarts"))
 
     # the second evaluation wrote a video under LOGDIR/videos/
     assert records[1]["video"] and (logdir / records[1]["video"]).stat().st_size > 1000
