@@ -86,6 +86,11 @@ class ReplayConfig:
     loader_workers: int = _f(2, "parallel sampling/decoding workers feeding the learner")
     prefetch: int = _f(4, "batches queued ahead of the learner")
     data_dir: str = _f("", "directory for embedded redis-server data (default: LOGDIR/redis)")
+    replay_reset: bool = _f(
+        False,
+        "delete the replay the shards' Redis holds (this namespace only) and start an "
+        "empty one; without it a replay made with other settings stops the run",
+    )
 
 
 @dataclass
@@ -129,6 +134,9 @@ class LearnerConfig:
     double: bool = _f(True, "double-DQN target (van Hasselt et al. 2016)")
     publish_seconds: float = _f(1.0, "seconds of training between weight broadcasts")
     checkpoint_minutes: float = _f(5.0, "minutes between checkpoints (also written at exit)")
+    keep_checkpoints: int = _f(
+        3, "checkpoints kept (LOGDIR/checkpoint-<updates>.pt; checkpoint.pt is the newest)"
+    )
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
@@ -142,7 +150,11 @@ class RunConfig:
         0,
         "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
     )
-    resume: str = _f("", "checkpoint file to continue from (counters, optimizer and schedules)")
+    resume: str = _f(
+        "",
+        "checkpoint to continue from: its run's settings, logdir and replay, counters, "
+        "optimizer and schedules (flags given with it still apply)",
+    )
     summary_json: str = _f("", "write a JSON summary of the run here at exit")
     ray_address: str = _f(
         "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
@@ -272,6 +284,10 @@ class Config:
                 f"checkpoint_minutes={learner.checkpoint_minutes} must be > 0",
             ),
             (learner.torch_threads >= 0, f"torch_threads={learner.torch_threads} must be >= 0"),
+            (
+                1 <= learner.keep_checkpoints <= 1000,
+                f"keep_checkpoints={learner.keep_checkpoints} must be in [1, 1000]",
+            ),
             (run.max_seconds >= 0.0, f"max_seconds={run.max_seconds} must be >= 0"),
             (run.max_frames >= 0, f"max_frames={run.max_frames} must be >= 0"),
             (run.log_every > 0.0, f"log_every={run.log_every} must be > 0"),

@@ -98,6 +98,7 @@ OUTAGE_LOG_EVERY_S = 30.0
 
 # counters kept in ``P meta`` (besides capacity, first_slot, next_slot, next_gid)
 _COUNTERS = (
+    "received",
     "inserted_total",
     "evictions",
     "malformed",
@@ -187,6 +188,7 @@ class ReplayShard:
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.sampled_total = 0
         self.ingest_errors = 0
+        self.removed = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
         self._mem = (0.0, 0)
         self._down_since: float | None = None
@@ -296,15 +298,24 @@ class ReplayShard:
             return int(ok.sum())
 
     def remove(self, keys: np.ndarray) -> int:
-        """Never sample these slots again (weight 0): rows whose frames are gone.
-        Returns how many live slots were removed."""
+        """Never sample these slots again (weight 0): rows whose frames are gone
+        (counted ``removed``). Returns how many live slots were removed."""
         slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
         with self._lock:
             ok = (slots >= self._first) & (slots < self._next)
-            pos = slots[ok] % self.capacity
+            pos = np.unique(slots[ok] % self.capacity)
             self._tree.update(pos, np.zeros(pos.size))
-            self.counters["dangling"] += int(np.unique(pos).size)
-            return int(ok.sum())
+            self.removed += int(pos.size)
+            return int(pos.size)
+
+    def queued(self) -> int:
+        """Pushes waiting in the incoming list (0 when Redis cannot be read)."""
+        try:
+            self._ensure_ready()
+            with replay_errors(self._where):
+                return int(self._client.llen(self.keys.incoming))
+        except (ReplayUnavailable, NamespaceError):
+            return 0
 
     def get_priorities(self, keys: np.ndarray) -> np.ndarray:
         """float32[k] current priorities of keys (NaN for slots no longer stored)."""
@@ -339,9 +350,11 @@ class ReplayShard:
                 total_priority=self._tree.total,
                 bytes_used=self._mem[1],
                 evictions=c["evictions"],
+                received=c["received"],
                 malformed=c["malformed"],
                 rejected=c["rejected"],
                 dangling=c["dangling"],
+                removed=self.removed,
                 ingest_errors=self.ingest_errors,
                 frames_stored=self._groups.frame_count,
                 frame_groups=len(self._groups),
@@ -447,6 +460,7 @@ class ReplayShard:
                 log.warning("skipping malformed replay entry (%d bytes): %s", len(item), exc)
                 continue
             fids = meta["frame_ids"]
+            counts["received"] = counts.get("received", 0) + len(batch)
             if not _writer_frames_ok(fids, incarnation):
                 counts["rejected"] = counts.get("rejected", 0) + len(batch)
                 log.warning(

@@ -674,7 +674,7 @@ while time.time() < deadline:
             continue
         try:
             h = ray.get_actor(name, namespace=a["namespace"])
-            v = ray.get(h.stats.remote(reset_episodes=False), timeout=5)["weight_version"]
+            v = ray.get(h.stats.remote(reset_episodes=False), timeout=5).weight_version
             best[name] = max(best.get(name, -1), v)
         except Exception:
             pass
