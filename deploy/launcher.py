@@ -83,7 +83,13 @@ def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
     from learner.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        return load_checkpoint(cfg.run.resume, expect_env=env_id, expect_actions=num_actions)
+        return load_checkpoint(
+            cfg.run.resume,
+            expect_env=env_id,
+            expect_actions=num_actions,
+            expect_dueling=cfg.learner.dueling,
+            expect_optimizer=cfg.learner.optimizer,
+        )
     except CheckpointError as exc:
         raise LaunchError(str(exc)) from None
 
