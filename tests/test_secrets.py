@@ -20,6 +20,7 @@ from deploy.cli import build_parser, config_from_args, main
 from learner.checkpoint import load_checkpoint, save_checkpoint
 
 SECRET = "s3cr3t-Pa55word-4f9c"
+RAY_TOKEN = "ray-t0ken-9d2e7b1c5a"
 
 
 @pytest.mark.parametrize(
@@ -137,11 +138,11 @@ def test_checkpoint_config_holds_no_password(tmp_path):
     assert cfg.replay.redis_url.endswith("@h:1/0") and SECRET in cfg.replay.redis_url
 
 
-def assert_no_secret_under(root: Path) -> None:
+def assert_no_secret_under(root: Path, secret: str = SECRET) -> None:
     files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
     assert files, f"nothing under {root}"
-    hits = [p for p in files if SECRET.encode() in p.read_bytes()]
-    assert not hits, f"the password is in {hits}"
+    hits = [p for p in files if secret.encode() in p.read_bytes()]
+    assert not hits, f"the secret is in {hits}"
 
 
 def argv_holding(secret: str) -> list[str]:
@@ -160,17 +161,23 @@ def argv_holding(secret: str) -> list[str]:
 
 def test_training_run_leaves_the_password_nowhere(tmp_path):
     """A real `apex-dqn train` against a password-protected Redis, URL in
-    $APEX_REDIS_URL: no file under LOGDIR, the summary, the Ray session logs,
-    stdout/stderr or any process's argv holds the password (~25 s)."""
+    $APEX_REDIS_URL, on a local Ray with token auth (as Ray 2.60 starts it by
+    default): no file under LOGDIR, the summary, the Ray session logs,
+    stdout/stderr or any process's argv holds the password or the Ray token, and
+    the output says how to get the token (~25 s)."""
     from replay_server.redis_proc import EmbeddedRedis
 
     ray_tmp = Path(f"/tmp/apxs{os.getpid()}")  # Ray's socket paths must stay short
     logdir, summary = tmp_path / "run", tmp_path / "summary.json"
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(RAY_TOKEN)
+    token_file.chmod(0o644)  # as Ray writes it under umask 022; the run makes it private
     with EmbeddedRedis(str(tmp_path / "redis"), password=SECRET, appendonly=False) as server:
         env = {
             **os.environ,
             "APEX_REDIS_URL": server.url,
-            "RAY_AUTH_MODE": "disabled",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
             "RAY_TMPDIR": str(ray_tmp),
             "PYTHONUNBUFFERED": "1",
         }
@@ -195,10 +202,49 @@ def test_training_run_leaves_the_password_nowhere(tmp_path):
         try:
             assert res.returncode == 0, res.stderr[-3000:]
             assert json.loads(summary.read_text())["transitions"] > 0
-            assert SECRET not in res.stdout + res.stderr
-            assert not seen, seen
-            assert_no_secret_under(logdir)
-            assert_no_secret_under(tmp_path / "summary.json")
-            assert_no_secret_under(ray_tmp)
+            assert "run 'ray get-auth-token'" in res.stdout  # stdout is a pipe: no token
+            assert token_file.stat().st_mode & 0o777 == 0o600
+            for secret in (SECRET, RAY_TOKEN):
+                assert secret not in res.stdout + res.stderr
+                assert not seen, seen
+                assert_no_secret_under(logdir, secret)
+                assert_no_secret_under(summary, secret)
+                assert_no_secret_under(ray_tmp, secret)
         finally:
             shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_dashboard_lines_show_the_token_only_to_a_terminal(tmp_path, monkeypatch):
+    from deploy.dashboard import dashboard_lines
+
+    token_file = tmp_path / "t"
+    token_file.write_text(f"  {RAY_TOKEN}\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert dashboard_lines("127.0.0.1:8265", tty=True) == [
+        "[apex] Ray dashboard: http://127.0.0.1:8265"
+    ]
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    piped = "\n".join(dashboard_lines("127.0.0.1:8265", tty=False))
+    assert "ray get-auth-token" in piped and RAY_TOKEN not in piped
+    shown = dashboard_lines("127.0.0.1:8265", tty=True)
+    assert shown[-1].endswith(f": {RAY_TOKEN}")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env-token")  # Ray's precedence: env first
+    assert dashboard_lines("h:1", tty=True)[-1].endswith(": from-env-token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert len(dashboard_lines("h:1", tty=True)) == 2  # no token found: the advice only
+
+
+def test_ray_token_file_made_private(tmp_path, monkeypatch):
+    from deploy.dashboard import restrict_token_file
+
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(RAY_TOKEN)
+    token_file.chmod(0o644)  # what Ray writes under umask 022
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert restrict_token_file() == str(token_file)
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert restrict_token_file() is None  # already private: nothing to do
