@@ -298,9 +298,9 @@ def _run(
         assert fleet is not None
         stats = fleet.poll(timeout=1.0)
         shard_stats = [s.stats() for s in shards]
-        stats["replay_size"] = sum(s["size"] for s in shard_stats)
-        stats["inserted"] = sum(s["inserted_total"] for s in shard_stats)
-        stats["replay_bytes"] = sum(s.get("bytes_used", 0) for s in shard_stats)
+        stats["replay_size"] = sum(s.size for s in shard_stats)
+        stats["inserted"] = sum(s.inserted_total for s in shard_stats)
+        stats["replay_bytes"] = sum(s.bytes_used for s in shard_stats)
         budget.update(sampler.stats()["sampled"])
         last.update(stats)
         return stats

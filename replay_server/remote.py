@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from replay_server.protocol import ShardSample, ShardStats
+
 
 class RemoteShard:
     """Synchronous view of a ``ray.remote(ReplayShard)`` actor handle."""
@@ -25,15 +27,15 @@ class RemoteShard:
         self.handle = handle
         self.timeout = timeout
 
-    def sample(self, batch_size: int, beta: float) -> dict:
+    def sample(self, batch_size: int) -> ShardSample:
         import ray
 
-        return ray.get(self.handle.sample.remote(batch_size, beta), timeout=self.timeout)
+        return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         self.handle.update_priorities.remote(keys, priorities)
 
-    def stats(self) -> dict:
+    def stats(self) -> ShardStats:
         import ray
 
         return ray.get(self.handle.stats.remote(), timeout=self.timeout)

@@ -161,7 +161,7 @@ def test_pushed_frame_ids_resolve_each_frame_stored_once(redis_url):
 def test_backoff_and_bounded_buffer_while_redis_is_down(tmp_path, caplog):
     data = tmp_path / "redis"
     srv = EmbeddedRedis(str(data))
-    port = srv.port
+    port, password = srv.port, srv.password
     cfg = make_cfg("ApexCatch-v0", 4, push_every=5, local_buffer=120)
     actor = ApexActor(cfg, 0, srv.url)
     s1 = actor.run(max_steps=20)
@@ -176,8 +176,8 @@ def test_backoff_and_bounded_buffer_while_redis_is_down(tmp_path, caplog):
     # 150 steps x 4 envs, 9 of every 10 steps a transition (Catch: 9-step episodes,
     # then the NEXT_STEP reset step): ~540; all but the newest 120 are dropped
     assert s2["transitions_dropped"] >= 540 - 120 - 20
-    assert "replay unreachable" in caplog.text
-    srv = EmbeddedRedis(str(data), port=port)  # same port, reloads its AOF
+    assert "replay unavailable" in caplog.text
+    srv = EmbeddedRedis(str(data), port=port, password=password)  # reloads its AOF
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -205,12 +205,12 @@ def assert_every_frame_id_resolves(url: str) -> list:
 
 def test_actor_starts_while_redis_is_down(tmp_path):
     srv = EmbeddedRedis(str(tmp_path / "r"))
-    url, port = srv.url, srv.port
+    url, port, password = srv.url, srv.port, srv.password
     srv.stop()
     actor = ApexActor(make_cfg("ApexCatch-v0", 2, push_every=5), 0, url)
     s1 = actor.run(max_steps=10)
     assert s1["transitions_pushed"] == 0 and s1["pushes_failed"] >= 1 and s1["incarnation"] is None
-    srv = EmbeddedRedis(str(tmp_path / "r"), port=port)
+    srv = EmbeddedRedis(str(tmp_path / "r"), port=port, password=password)
     try:
         deadline = time.monotonic() + 30  # the backoff (0.25 s, doubling) must run out
         s2 = actor.run(max_steps=10)
