@@ -232,7 +232,7 @@ BOUNDS: dict[str, Bound] = {
     "samples_per_insert": Bound(
         0.01,
         10_000,
-        "sampled/inserted ratio; outside it the rate limiter's tolerance overflows",
+        "sampled/inserted ratio; below 0.01 use 0 (no limit) instead",
         special=((0, "unlimited"),),
     ),
     "loader_workers": Bound(1, 64, "sampling threads in the driver process"),

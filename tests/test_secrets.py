@@ -159,12 +159,13 @@ def argv_holding(secret: str) -> list[str]:
     return hits
 
 
+@pytest.mark.e2e  # ~25 s on an idle 2-core machine, 70-100 s under load
 def test_training_run_leaves_the_password_nowhere(tmp_path):
     """A real `apex-dqn train` against a password-protected Redis, URL in
     $APEX_REDIS_URL, on a local Ray with token auth (as Ray 2.60 starts it by
     default): no file under LOGDIR, the summary, the Ray session logs,
     stdout/stderr or any process's argv holds the password or the Ray token, and
-    the output says how to get the token (~25 s)."""
+    the output says how to get the token."""
     from replay_server.redis_proc import EmbeddedRedis
 
     ray_tmp = Path(f"/tmp/apxs{os.getpid()}")  # Ray's socket paths must stay short
