@@ -94,6 +94,7 @@ MAX_RETURN = 1e9  # n-step returns of raw scores stay far below this
 MAX_ACTIONS = 1 << 16
 SLOT_BITS = 56  # keys are slots < 2**56; the sampler puts the shard index above
 BACKOFF_MAX_S = 2.0
+HEARTBEAT_S = 1.0
 OUTAGE_LOG_EVERY_S = 30.0
 
 # counters kept in ``P meta`` (besides capacity, first_slot, next_slot, next_gid)
@@ -194,6 +195,7 @@ class ReplayShard:
         self._down_since: float | None = None
         self._down_logged = 0.0
         self._last_snapshot = time.monotonic()
+        self._last_beat = 0.0
         self._last_sweep = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -557,8 +559,11 @@ class ReplayShard:
                 ):
                     self.sweep_orphans()
                 n = self.ingest()
-                if time.monotonic() - self._last_snapshot >= self.snapshot_seconds:
+                now = time.monotonic()
+                if now - self._last_snapshot >= self.snapshot_seconds:
                     self.snapshot()
+                if now - self._last_beat >= HEARTBEAT_S:
+                    self._beat()
             except ReplayUnavailable as exc:
                 self._note_down(exc)
                 self._stop.wait(backoff)
@@ -578,6 +583,12 @@ class ReplayShard:
             self._note_up()
             if n == 0:
                 self._stop.wait(0.005)
+
+    def _beat(self) -> None:
+        """Liveness key (and a write: an idle shard notices a Redis refusing writes)."""
+        with replay_errors(self._where):
+            self._client.set(self.keys.heartbeat, f"{self.pid} {time.time():.3f}", ex=10)
+        self._last_beat = time.monotonic()
 
     def _note_down(self, exc: BaseException) -> None:
         self.ingest_errors += 1
