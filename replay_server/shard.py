@@ -668,8 +668,17 @@ class ReplayShard:
 
         Bounded and defensive: sizes are checked before anything is allocated,
         records that fail validation get weight 0, group records that do not
-        parse are dropped. Raises `NamespaceError` for another run's replay.
+        parse are dropped. Raises `NamespaceError` for another run's replay or a
+        key of the wrong type.
         """
+        try:
+            self._load_checked()
+        except redis.ResponseError as exc:  # WRONGTYPE and friends: not an outage
+            raise NamespaceError(
+                f"the {self._where} holds replay keys that are not a replay: {exc}"
+            ) from None
+
+    def _load_checked(self) -> None:
         k, client = self.keys, self._client
         token = os.urandom(16).hex()
         with replay_errors(self._where):
