@@ -5,13 +5,17 @@
 # 127.0.0.1 only, so actors on other nodes could not reach it. Idempotent: a
 # running server is kept (with a warning when its config is out of date).
 #
-# It listens on the head's private address (and 127.0.0.1) only, with a password
-# and protected mode; CONFIG, MODULE, DEBUG and REPLICAOF/SLAVEOF are renamed away
-# (the replay never needs them; they let a client write files or load code).
+# It listens on the head's private address (and 127.0.0.1) only, in protected
+# mode, with the same access rules as the embedded server (replay_server/redis_proc.py):
+# the default user is off; the replay's clients log in as ``apex``, who may run
+# everything but Redis's @dangerous commands (CONFIG, MODULE, DEBUG, SAVE,
+# REPLICAOF, FLUSHALL, KEYS, SHUTDOWN, ACL, ...; INFO is allowed) on the ``apex:``
+# keys only; ``admin`` (password in $APEX_STATE_DIR/redis-admin-password) may do
+# anything. The config holds only SHA-256 hashes of the passwords.
 # Everything it writes is private to the user: the state directory is 0700, the
 # config, password, URL, log and AOF files 0600, even when they existed before.
 #
-# Writes $APEX_STATE_DIR/redis-url (redis://:<password>@<host>:<port>/0) for
+# Writes $APEX_STATE_DIR/redis-url (redis://apex:<password>@<host>:<port>/0) for
 # deploy/cluster-train.sh, which hands it to apex-dqn in APEX_REDIS_URL (never in
 # argv). The password is generated once and kept in $APEX_STATE_DIR/redis-password.
 #   APEX_STATE_DIR   default ~/.apex-dqn (also holds the AOF data and the log)
@@ -38,23 +42,24 @@ case " $bind " in
 esac
 mkdir -p "$state/redis"
 chmod 700 "$state" "$state/redis"
-if [ ! -s "$state/redis-password" ]; then
-    python3 -c 'import secrets; print(secrets.token_hex(24))' > "$state/redis-password"
-fi
-chmod 600 "$state/redis-password"
+for f in redis-password redis-admin-password; do
+    if [ ! -s "$state/$f" ]; then
+        python3 -c 'import secrets; print(secrets.token_hex(24))' > "$state/$f"
+    fi
+    chmod 600 "$state/$f"
+done
 pass=$(cat "$state/redis-password")
+pass_hash=$(printf '%s' "$pass" | sha256sum | cut -d' ' -f1)
+admin_hash=$(tr -d '\n' < "$state/redis-admin-password" | sha256sum | cut -d' ' -f1)
 pidfile="$state/redis.pid"
 conf="$state/redis.conf"
 cat > "$conf.new" <<CONF
 bind $bind
 port $port
 protected-mode yes
-requirepass $pass
-rename-command CONFIG ""
-rename-command MODULE ""
-rename-command DEBUG ""
-rename-command REPLICAOF ""
-rename-command SLAVEOF ""
+user default off
+user apex on #$pass_hash ~apex:* &* +@all -@dangerous +info
+user admin on #$admin_hash ~* &* +@all
 dir $state/redis
 appendonly yes
 appendfsync everysec
@@ -93,6 +98,6 @@ fi
 # Files from before (an older script, another umask) become private too.
 find "$state" -type d -exec chmod 700 {} +
 find "$state" -type f -exec chmod 600 {} +
-echo "redis://:$pass@$host:$port/0" > "$state/redis-url"
+echo "redis://apex:$pass@$host:$port/0" > "$state/redis-url"
 chmod 600 "$state/redis-url"
 echo "[start-redis] URL in $state/redis-url"

@@ -1,7 +1,8 @@
 """deploy/start-redis.sh, run for real: the cluster's redis-server listens on the
-given private address and loopback only, wants its password, has CONFIG and
-MODULE renamed away, and every file it keeps is 0600 in a 0700 directory, even
-files an older version left world-readable (~2 s)."""
+given private address and loopback only, wants its password, refuses the replay's
+user CONFIG, MODULE, FLUSHALL and the other dangerous commands, and every file it
+keeps is 0600 in a 0700 directory, even files an older version left
+world-readable (~2 s)."""
 
 from __future__ import annotations
 
@@ -70,23 +71,36 @@ def test_start_redis_is_private_and_tightens_old_files(state):
     conf = (state / "redis.conf").read_text()
     assert "protected-mode yes" in conf and "0.0.0.0" not in conf
     assert conf.splitlines()[0] == "bind 127.0.0.1"
-    assert "requirepass old-password-0123456789" in conf  # the password is kept
+    assert "old-password-0123456789" not in conf  # only its hash
     url = (state / "redis-url").read_text().strip()
-    assert url == f"redis://:old-password-0123456789@127.0.0.1:{port}/0"
+    assert url == f"redis://apex:old-password-0123456789@127.0.0.1:{port}/0"  # kept
 
     with pytest.raises(redis.AuthenticationError):  # no password: refused
         redis.Redis(port=port).ping()
     client = redis.Redis.from_url(url)
     assert client.ping()
-    client.set("k", "v")
-    for command in (("CONFIG", "GET", "dir"), ("MODULE", "LIST"), ("DEBUG", "SLEEP", "0")):
-        with pytest.raises(redis.ResponseError, match="unknown command"):
+    client.set("apex:k", "v")
+    for command in (
+        ("CONFIG", "GET", "dir"),
+        ("MODULE", "LIST"),
+        ("DEBUG", "SLEEP", "0"),
+        ("FLUSHALL",),
+        ("KEYS", "*"),
+        ("SAVE",),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
             client.execute_command(*command)
     client.close()
+    admin_pw = (state / "redis-admin-password").read_text().strip()
+    admin = redis.Redis(port=port, username="admin", password=admin_pw)
+    assert admin.config_get("appendonly") == {"appendonly": "yes"}
+    admin.close()
 
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     files = [p for p in state.rglob("*") if p.is_file()]
-    assert {"redis.conf", "redis-password", "redis-url", "redis.log"} <= {p.name for p in files}
+    assert {"redis.conf", "redis-password", "redis-admin-password", "redis-url", "redis.log"} <= {
+        p.name for p in files
+    }
     loose = {str(p.relative_to(state)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert all(m == "0o600" for m in loose.values()), loose
 
