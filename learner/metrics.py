@@ -33,14 +33,16 @@ METRICS: dict[str, str] = {
     "env_frames": "emulator frames so far, all actors (resumed runs included)",
     "updates": "learner updates so far",
     "episodes": "finished episodes so far",
+    "replay_outages": "times a replay shard found its Redis unavailable (this run)",
+    "replay_outage_s": "seconds replay shards' Redis was unavailable (this run, all shards)",
+    "transitions_lost": "transitions lost (actor buffers overflowed during outages + "
+    "writes Redis lost), this run",
+    "orphan_frames_collected": "frames no transition referred to, deleted by the shards' sweep",
+    "shard_restarts": "replay shard processes restarted (this run)",
+    "actor_restarts": "actor processes restarted (this run)",
+    "replay_rejected": "records the replay refused as invalid (this run)",
     "episode_return_mean": "mean raw return of the last 100 training episodes (epsilons mixed)",
     "replay_bytes": "bytes the replay uses in Redis, all shards",
-    "actor_restarts": "env actor restarts so far (crashes, kills, lost nodes)",
-    "shard_restarts": "replay shard actor restarts so far",
-    "replay_outages": "times the replay's Redis became unreachable or refused writes",
-    "replay_outage_s": "seconds the replay's Redis was unavailable, in all",
-    "transitions_lost": "transitions dropped by actors (buffers overflowing during outages)",
-    "orphan_frames_collected": "frames deleted because no stored transition referred to them",
     # evaluation during training (learner.evaluator): greedy play under the protocol
     "eval_return_mean": "mean raw score of the last evaluation (epsilon 0.001, no sticky actions)",
     "eval_return_median": "median raw score of the last evaluation",
@@ -146,4 +148,6 @@ def progress_line(s: dict[str, Any]) -> str:
         parts.append(f"wait {100 * s['data_wait_fraction']:.0f}%")
     if s.get("epsilon_min") is not None and s.get("epsilon_max") is not None:
         parts.append(f"eps {s['epsilon_min']:.2g}-{s['epsilon_max']:.2g}")
+    if s.get("replay_unavailable_s") is not None:
+        parts.append(f"replay: unavailable {s['replay_unavailable_s']:.0f} s")
     return " | ".join(parts)

@@ -41,10 +41,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from common.redact import redact_url, scrub, url_secrets
 from replay_server.protocol import ReplayUnavailable
 
 __all__ = [
@@ -89,14 +89,8 @@ def _free_port() -> int:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password replaced by ``***`` (`common.redact.redact_url`)."""
+    return redact_url(url)
 
 
 def connect(url: str, timeout: float = 5.0) -> redis.Redis:
@@ -110,10 +104,7 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
         )
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
-        msg = str(exc)
-        parts = urlsplit(url)
-        if parts.password:
-            msg = msg.replace(parts.password, "***")
+        msg = scrub(str(exc), url_secrets(url))
         raise ReplayUnavailable(
             f"cannot reach Redis at {redact(url)}: {msg}; start redis-server or omit "
             "--redis-url to use the embedded one"

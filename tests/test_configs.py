@@ -88,7 +88,10 @@ def test_check_with_flags_redacts_passwords_and_exits_2_on_errors(tmp_path):
     assert "2 replay shard(s)" in ok.stdout
 
     for argv, fragment in [
-        (("--config", "configs/pong.toml", "--eval-episodes", "0"), "eval_episodes=0 must be >= 1"),
+        (
+            ("--config", "configs/pong.toml", "--eval-episodes", "0"),
+            "eval_episodes=0 must be in [1, 10_000]",
+        ),
         (("--env", "Pongg-v5"), "unknown game 'Pongg-v5'"),
         (("--redis-url", "redis://:pw@host:notaport/0"), "has an invalid port"),
         (("--config", str(tmp_path / "missing.toml")), "does not exist"),
