@@ -20,8 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.config import Config, ConfigError
-
-REDACTED = "***"
+from common.redact import REDACTED, redact_url
 
 
 def check(cfg: Config) -> str:
@@ -82,21 +81,10 @@ def _check_url(url: str) -> None:
         )
 
 
-def redact_url(url: str) -> str:
-    """``scheme://user:password@host...`` with the password replaced by ``***``
-    (a URL too broken to parse keeps only its scheme)."""
-    from replay_server.redis_proc import redact
-
-    try:
-        return redact(url)
-    except ValueError:
-        return f"{urlsplit(url).scheme}://{REDACTED}"
-
-
 def redacted(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A copy of ``Config.to_dict()`` output with every secret replaced: URL
-    passwords in any string value (comma-separated lists too), and the whole value
-    of any key naming a password, token or secret."""
+    """A copy of ``Config.to_dict()`` output (whose ``redis_url`` is already
+    redacted) with every secret replaced: URL passwords in any other string value,
+    and the whole value of any key naming a password, token or secret."""
     out: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
         out[section] = {}
@@ -105,7 +93,7 @@ def redacted(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 if any(word in key for word in ("password", "token", "secret")):
                     value = REDACTED
                 elif "://" in value:
-                    value = ",".join(redact_url(u.strip()) for u in value.split(","))
+                    value = redact_url(value)
             out[section][key] = value
     return out
 
