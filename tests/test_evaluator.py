@@ -129,6 +129,10 @@ def test_periodic_evaluation_records_each_result_and_keeps_the_best(tmp_path):
     assert weights_digest(state["model"]) == best["weights_digest"]
     assert state["counters"]["eval"]["index"] == best["index"]
     assert state["counters"]["frames"] == best["env_frames"]
+    from learner.evaluate import evaluate
+
+    replay = evaluate(str(tmp_path / "best.pt"), episodes=2, log=lambda _: None)
+    assert len(replay["scores"]) == 2  # `apex-dqn evaluate` takes best.pt like any checkpoint
 
     # every 2nd evaluation: one MP4 of its first episode, one video frame per step
     videos = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("videos/*.mp4"))
