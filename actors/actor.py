@@ -9,11 +9,12 @@
 1. inference: Q(s, .) for the E current stacks, one batched CPU forward pass
    (``torch.inference_mode``, 1 thread). These Q-values also complete the
    priorities of the transitions emitted by the previous step (their s').
-2. act epsilon-greedily per env (`actors.exploration`).
+2. act epsilon-greedily per env (rates from `actors.exploration`).
 3. env: step the E envs (one ALE thread); every returned frame is new and gets
    the next frame id; the NEXT_STEP ``reset`` rows start a new stack and yield
    no transition.
-4. n-step (`actors.nstep`) on clipped rewards; raw returns go to the episode log.
+4. n-step (`common.nstep`) on clipped rewards, terminal at game over or (with
+   ``--episodic-life``) a lost life; raw returns of whole games go to the episode log.
 5. every ``push_every`` steps, push all new frames and transitions in one round
    trip through the `actors.outbox.ReplayOutbox`, which keeps them (bounded by
    ``local_buffer`` transitions, oldest dropped and counted) and retries with
@@ -34,22 +35,66 @@ import logging
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from actors.exploration import Exploration, epsilon_greedy
-from actors.nstep import NStepAccumulator, PendingTransitions
+from actors.exploration import Exploration
 from actors.outbox import ReplayOutbox
 from actors.policy import ActingNetwork
-from actors.stacks import FrameStacker
 from common.config import Config
 from common.env import make_vector_env
+from common.exploration import epsilon_greedy
+from common.nstep import NStepAccumulator, PendingTransitions
+from common.stacking import FrameStacker
 from common.types import TransitionBatch
 from common.weights import WeightSubscriber
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorStats:
+    """What `ApexActor.stats` reports (counters since this process started).
+
+    frames / env_steps / vector_steps: emulator frames (frame skip counted for ALE),
+        env steps (all E envs), vector steps
+    transitions_pushed / _dropped / _buffered: acknowledged by Redis / dropped from
+        the full outage buffer / waiting in it (`actors.outbox.OutboxStats`)
+    pushes / pushes_failed / replay_resets / replay_ok: see `OutboxStats`
+    weight_version: the policy version acting now; epsilon_min / _max: this actor's
+    schedule_frames: where a decaying epsilon schedule stands (restarts included)
+    episode_returns / episode_lengths: raw returns and lengths (steps) of the
+        episodes finished since the last ``stats(reset_episodes=True)``
+    time: seconds spent in env, inference, other, encode, push, throttle
+    incarnation: the writer's (None before the first connection); restarted: Ray
+        reran the constructor; seed_salt: mixed into the seeds after a restart
+    """
+
+    actor: int
+    frames: int
+    env_steps: int
+    vector_steps: int
+    transitions_pushed: int
+    transitions_dropped: int
+    transitions_buffered: int
+    pushes: int
+    pushes_failed: int
+    replay_resets: int
+    replay_ok: bool
+    weight_version: int
+    epsilon_min: float
+    epsilon_max: float
+    schedule_frames: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    time: dict[str, float]
+    incarnation: int | None
+    restarted: bool
+    seed_salt: int
+    inference_dtype: str
 
 
 def _was_reconstructed() -> bool:
@@ -151,7 +196,7 @@ class ApexActor:
         max_steps: int | None = None,
         stop_after_seconds: float | None = None,
         schedule_frames: int | None = None,
-    ) -> dict:
+    ) -> ActorStats:
         """Step the envs until ``stop()``, ``max_steps`` vector steps or the time limit.
 
         schedule_frames: env frames this actor index has produced before, over
@@ -183,7 +228,7 @@ class ApexActor:
             self._eps = self.exploration.epsilons(self.schedule_frames())
             actions = self.last_actions = epsilon_greedy(q, self._eps, self._rng)
             t1 = time.perf_counter()
-            frames, raw, term, trunc, reset = self._env.step(actions)
+            frames, raw, term, trunc, reset, life_lost = self._env.step(actions)
             t2 = time.perf_counter()
             counters = self._new_counters(frames)
             obs_ids = self._stacker.ids.copy()
@@ -191,8 +236,9 @@ class ApexActor:
             active = ~reset
             rewards = np.sign(raw) if self.cfg.env.clip_rewards else raw
             self._pending = self._nstep.add(
-                obs_ids, actions, rewards, q[rows, actions], self._stacker.ids, term, trunc, active
-            )
+                obs_ids, actions, rewards, q[rows, actions], self._stacker.ids,
+                term | life_lost, trunc, active,
+            )  # fmt: skip
             self._log_episodes(raw, term | trunc, active)
             t3 = time.perf_counter()
             steps += 1
@@ -219,7 +265,7 @@ class ApexActor:
         """Make ``run`` return after its current step (thread-safe)."""
         self._stop.set()
 
-    def stats(self, reset_episodes: bool = True) -> dict:
+    def stats(self, reset_episodes: bool = True) -> ActorStats:
         """Counters since start; episodes (raw returns, lengths in steps) since the last call."""
         box = self._outbox.stats()
         with self._lock:
@@ -227,30 +273,30 @@ class ApexActor:
             if reset_episodes:
                 self._episodes.clear()
             env_steps = self._n["vector_steps"] * self.num_envs
-            return {
-                "actor": self.index,
-                "frames": self.frame_skip * env_steps,
-                "env_steps": env_steps,
-                "vector_steps": self._n["vector_steps"],
-                "transitions_pushed": box.pushed,
-                "transitions_dropped": box.dropped,
-                "transitions_buffered": box.buffered,
-                "pushes": box.pushes,
-                "pushes_failed": box.push_failed,
-                "replay_resets": box.resets,
-                "replay_ok": box.replay_ok,
-                "weight_version": self.policy_version,
-                "epsilon_min": float(np.min(self._eps)),
-                "epsilon_max": float(np.max(self._eps)),
-                "schedule_frames": self._schedule_offset + self.frame_skip * env_steps,
-                "episode_returns": [r for r, _ in episodes],
-                "episode_lengths": [n_ for _, n_ in episodes],
-                "time": {**self._time, **self._outbox.time},
-                "incarnation": box.incarnation,
-                "restarted": self.restarted,
-                "seed_salt": self.seed_salt,
-                "inference_dtype": self._policy.dtype,
-            }
+            return ActorStats(
+                actor=self.index,
+                frames=self.frame_skip * env_steps,
+                env_steps=env_steps,
+                vector_steps=self._n["vector_steps"],
+                transitions_pushed=box.pushed,
+                transitions_dropped=box.dropped,
+                transitions_buffered=box.buffered,
+                pushes=box.pushes,
+                pushes_failed=box.push_failed,
+                replay_resets=box.resets,
+                replay_ok=box.replay_ok,
+                weight_version=self.policy_version,
+                epsilon_min=float(np.min(self._eps)),
+                epsilon_max=float(np.max(self._eps)),
+                schedule_frames=self._schedule_offset + self.frame_skip * env_steps,
+                episode_returns=[r for r, _ in episodes],
+                episode_lengths=[n_ for _, n_ in episodes],
+                time={**self._time, **self._outbox.time},
+                incarnation=box.incarnation,
+                restarted=self.restarted,
+                seed_salt=self.seed_salt,
+                inference_dtype=self._policy.dtype,
+            )
 
     def schedule_frames(self) -> int:
         """Where the exploration schedule stands: frames of earlier incarnations

@@ -13,7 +13,11 @@ outage like a Redis that is down: ``sample`` and ``stats`` raise
 `ReplayUnavailable` (the caller backs off and retries; a restarted actor
 answers again through the same handle).
 
-``update_priorities`` is fire-and-forget (the learner does not wait for it).
+``update_priorities`` waits for the shard's answer: the learner calls it from its
+background `learner.loop.PriorityWriter` thread, one call at a time, so a shard
+applies priority updates in the order they were produced, and the writer's
+bounded queue is the back-pressure. (Fire-and-forget calls into a threaded
+actor could be applied out of order and could queue without bound.)
 """
 
 from __future__ import annotations
@@ -56,8 +60,18 @@ class RemoteShard:
         with _actor_errors(self.name):
             return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
 
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
-        self.handle.update_priorities.remote(keys, priorities)
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """Apply new priorities; returns how many the shard applied. Raises Ray's
+        errors (the shard is restarting: the caller drops this update)."""
+        import ray
+
+        return ray.get(self.handle.update_priorities.remote(keys, priorities), timeout=self.timeout)
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Make slots unsampleable (their frames are gone); see `ReplayShard.remove`."""
+        import ray
+
+        return ray.get(self.handle.remove.remote(keys), timeout=self.timeout)
 
     def stats(self) -> ShardStats:
         import ray
