@@ -25,6 +25,11 @@ same run (same machine, same moment):
   ratios measured back to back (``--rounds``), so a busy machine hits both.
   ``loader_threads_2_over_1``: the same for 2 threads running ``sample`` in this
   process against 1 (what processes replaced).
+* ``cpu_ms_per_batch``: CPU milliseconds each batch cost this process (draws,
+  finishing; everything for in-process sampling), the loader processes and the
+  Redis server, over the same timed windows. Unlike rates, these hardly change
+  when other programs share the cores: N cores deliver at most N / (sum of the
+  three) batches per millisecond.
 * ``codecs``: bytes/frame and encode/decode MB/s (raw frame bytes per second)
   per codec, in the per-frame Python calls the replay really makes;
   ``decode_into_us_per_frame`` is the loader's path (`FrameCodec.decode_into`:
@@ -42,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import resource
 import statistics
 import sys
 import threading
@@ -177,21 +183,56 @@ def run_writers(url, codec, pool, mode, seconds, envs, steps, procs=2):
     return sum(n for n, _ in out), time.perf_counter() - t0
 
 
-def timed_batches(get, n: int) -> float:
+class CpuMeter:
+    """CPU milliseconds per batch over a timed window: this process (draws,
+    finishing, and in-process sampling), the loader processes, the Redis server."""
+
+    def __init__(self, client: redis.Redis, loader_cpu=lambda: 0.0) -> None:
+        self.client, self.loader_cpu = client, loader_cpu
+
+    def _now(self) -> tuple[float, float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        info = self.client.info("cpu")
+        return (
+            me.ru_utime + me.ru_stime,
+            self.loader_cpu(),
+            info["used_cpu_user"] + info["used_cpu_sys"],
+        )
+
+    def start(self) -> None:
+        self.t0 = self._now()
+
+    def per_batch(self, batches: int) -> dict:
+        t1 = self._now()
+        ms = [1000 * (b - a) / batches for a, b in zip(self.t0, t1, strict=True)]
+        return {
+            "this_process": round(ms[0], 2),
+            "loaders": round(ms[1], 2),
+            "redis": round(ms[2], 2),
+        }
+
+
+def timed_batches(get, n: int, meter: CpuMeter | None = None) -> tuple[float, dict]:
     """Transitions/s of ``n`` batches from ``get()`` (after a warm-up that empties
-    whatever was prefetched while idle)."""
+    whatever was prefetched while idle), and CPU ms per batch (``meter``)."""
     for _ in range(6):
         get()
+    if meter is not None:
+        meter.start()
     t, rows = time.perf_counter(), 0
     for _ in range(n):
         rows += len(get())
-    return rows / (time.perf_counter() - t)
+    rate = rows / (time.perf_counter() - t)
+    return rate, (meter.per_batch(n) if meter is not None else {})
 
 
-def loader_rate(sampler: ReplaySampler, batch: int, procs: int, n: int) -> float:
+def loader_rate(
+    sampler: ReplaySampler, batch: int, procs: int, n: int, client: redis.Redis
+) -> tuple[float, dict]:
     """Transitions/s a learner gets from a DataSource with ``procs`` loader processes."""
     with DataSource(sampler, batch, workers=procs, prefetch=4, timeout=60) as data:
-        return timed_batches(lambda: data.sample(0.4), n)
+        meter = CpuMeter(client, lambda: data.status().loader_cpu_s)
+        return timed_batches(lambda: data.sample(0.4), n, meter)
 
 
 def thread_rate(sampler: ReplaySampler, batch: int, threads: int, n: int) -> float:
@@ -213,23 +254,24 @@ def thread_rate(sampler: ReplaySampler, batch: int, threads: int, n: int) -> flo
     for t in ts:
         t.start()
     try:
-        return timed_batches(lambda: q.get(timeout=60), n)
+        return timed_batches(lambda: q.get(timeout=60), n)[0]
     finally:
         stop.set()
         for t in ts:
             t.join()
 
 
-def loader_figures(sampler: ReplaySampler, args) -> dict:
+def loader_figures(sampler: ReplaySampler, args, client: redis.Redis) -> dict:
     """Loader processes (1, 2, ... up to the cores) and threads (1, 2), measured
     in alternating rounds; each scaling figure is the median of per-round ratios."""
     procs = [1, 2] + [p for p in (4, 8, 16) if p <= (os.cpu_count() or 1)]
     rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
         for p in procs:
-            rates.setdefault(f"p{p}", []).append(
-                loader_rate(sampler, args.batch, p, args.sample_batches)
-            )
+            rate, ms = loader_rate(sampler, args.batch, p, args.sample_batches, client)
+            rates.setdefault(f"p{p}", []).append(rate)
+            cpu.setdefault(f"loader_{p}_procs", []).append(ms)
         for t in (1, 2):
             rates.setdefault(f"t{t}", []).append(
                 thread_rate(sampler, args.batch, t, args.sample_batches)
@@ -246,6 +288,10 @@ def loader_figures(sampler: ReplaySampler, args) -> dict:
     ratios = [a / b for a, b in zip(rates["t2"], rates["t1"], strict=True)]
     out["loader_threads_2_over_1"] = round(statistics.median(ratios), 3)
     out["loader_scaling_goal"] = 1.6
+    out["cpu_ms_per_batch"] = {
+        k: {part: round(statistics.median(m[part] for m in v), 2) for part in v[0]}
+        for k, v in cpu.items()
+    }
     return out
 
 
@@ -330,10 +376,15 @@ def main() -> None:
                 ring[o], ring[n]  # noqa: B018 (the gather is the work)
             return args.batch * len(idx) / (time.perf_counter() - t)
 
+        meter, sample_cpu = CpuMeter(client), []
+
         def sample_rate() -> float:  # batches are dropped at once, as a learner does
+            meter.start()
             t = time.perf_counter()
             got = sum(len(sampler.sample(args.batch, 0.4)) for _ in range(args.sample_batches))
-            return got / (time.perf_counter() - t)
+            rate = got / (time.perf_counter() - t)
+            sample_cpu.append(meter.per_batch(args.sample_batches))
+            return rate
 
         sampler.sample(args.batch, 0.4)
         ring_rate()
@@ -343,7 +394,11 @@ def main() -> None:
         res["sample_baseline_numpy_ring_per_s"] = round(statistics.median(b for _, b in pairs), 1)
         res["sample_ratio"] = round(statistics.median(a / b for a, b in pairs), 3)
         res["sample_ratio_goal"] = 0.33 if args.transitions >= 2_000_000 else 0.25
-        res.update(loader_figures(sampler, args))
+        res.update(loader_figures(sampler, args, client))
+        res["cpu_ms_per_batch"]["sample_in_process"] = {
+            part: round(statistics.median(m[part] for m in sample_cpu), 2)
+            for part in ("this_process", "redis")
+        }
         res["loader_1_ratio"] = round(
             res["loader_1_procs_per_s"] / res["sample_baseline_numpy_ring_per_s"], 3
         )

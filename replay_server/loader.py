@@ -38,7 +38,6 @@ themselves. Any other error in a feeder or a loader process is a bug:
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import queue
 import subprocess
@@ -55,7 +54,7 @@ import numpy as np
 
 from common.types import FRAME_SHAPE, STACK, SampleBatch
 from replay_server.frames import FetchResult
-from replay_server.loader_worker import Channel, SlotLayout
+from replay_server.loader_worker import Channel, SlotLayout, map_slots
 from replay_server.protocol import ReplayUnavailable
 from replay_server.sampler import Draw, DrawnBatch, ReplaySampler
 
@@ -79,6 +78,7 @@ class LoaderStatus:
     batches:        batches handed to the learner
     wait_s:         seconds ``sample`` waited for a batch
     restarts:       loader processes restarted after they died
+    loader_cpu_s:   CPU seconds the loader processes used (as of their last answers)
     """
 
     unavailable_s: float | None
@@ -88,6 +88,7 @@ class LoaderStatus:
     batches: int
     wait_s: float
     restarts: int
+    loader_cpu_s: float
 
 
 class SlotRing:
@@ -108,7 +109,7 @@ class SlotRing:
             os.unlink(path)
             self.fd = fd
         os.ftruncate(self.fd, size)
-        self.buf = mmap.mmap(self.fd, size)
+        self.buf = map_slots(self.fd, size)
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
             self._free.put(i)
@@ -237,7 +238,10 @@ class BatchLoader:
         self.outage_s = 0.0
         self.last_outage = ""
         self._since: float | None = None
+        self._recovered_at = 0.0
         self._seq = 0
+        self._cpu: dict[int, float] = {}  # loader index -> CPU s of its current process
+        self._cpu_before = 0.0  # CPU s of processes that were restarted
         init = {
             "urls": list(sampler.urls),
             "namespace": sampler.namespace,
@@ -265,32 +269,40 @@ class BatchLoader:
         with self._lock:
             return None if self._since is None else time.monotonic() - self._since
 
-    def _unavailable(self, exc: BaseException) -> None:
+    def _unavailable(self, exc: BaseException, asked_at: float) -> None:
+        """A call made at ``asked_at`` (monotonic) found the replay unavailable.
+        One that was made before the last recovery is old news, not a new outage."""
         with self._lock:
             self.last_outage = str(exc)
-            if self._since is not None:
+            if self._since is not None or asked_at < self._recovered_at:
                 return
             self._since = time.monotonic()
             self.outages += 1
         log.warning("replay unavailable, the learner waits for it: %s", exc)
 
-    def _available(self) -> None:
+    def _available(self, asked_at: float) -> None:
+        """A call made at ``asked_at`` succeeded. One made before the outage began
+        (a batch that was already fetched) does not end it."""
         with self._lock:
-            if self._since is None:
+            if self._since is None or asked_at < self._since:
                 return
-            gone = time.monotonic() - self._since
+            now = time.monotonic()
+            gone = now - self._since
             self.outage_s += gone
             self._since = None
+            self._recovered_at = now
         log.warning("replay available again after %.1f s", gone)
 
     # ---- feeders --------------------------------------------------------------
     def _feed(self, proc: LoaderProcess) -> None:
-        inflight: deque[tuple[int, int, Draw]] = deque()
+        inflight: deque[tuple[int, int, Draw, float]] = deque()  # seq, slot, draw, asked at
         backoff = BACKOFF_S[0]
         try:
             while not self._stop.is_set():
+                asked_at = time.monotonic()  # of the call that may fail below
                 try:
                     while len(inflight) < DEPTH and not self._stop.is_set():
+                        asked_at = time.monotonic()
                         task = self._submit(proc)
                         if task is None:
                             break
@@ -300,7 +312,8 @@ class BatchLoader:
                     res = proc.result(timeout=0.2)
                     if res is None:
                         continue
-                    seq, slot, draw = inflight.popleft()
+                    seq, slot, draw, asked_at = inflight.popleft()
+                    self._cpu[proc.index] = float(res.get("cpu", 0.0))
                     if res.get("t") != seq:
                         raise RuntimeError(
                             f"loader process answered task {res.get('t')}, not {seq}"
@@ -312,10 +325,10 @@ class BatchLoader:
                     if res["status"] != "ok":
                         raise RuntimeError(f"replay loader process failed:\n{res.get('msg')}")
                     self._deliver(slot, draw, res)
-                    self._available()
+                    self._available(asked_at)
                     backoff = BACKOFF_S[0]
                 except ReplayUnavailable as exc:
-                    self._unavailable(exc)
+                    self._unavailable(exc, asked_at)
                     self._drain(proc, inflight)
                     self._stop.wait(backoff)
                     backoff = min(2 * backoff, BACKOFF_S[1])
@@ -327,7 +340,7 @@ class BatchLoader:
             self._stop.set()
             self._drop(inflight)
 
-    def _submit(self, proc: LoaderProcess) -> tuple[int, int, Draw] | None:
+    def _submit(self, proc: LoaderProcess) -> tuple[int, int, Draw, float] | None:
         """Reserve a slot, draw rows into it, hand it to the process; None when
         no slot is free or the sampler has nothing (then the caller waits)."""
         slot = self.ring.take(timeout=0.1)
@@ -349,7 +362,7 @@ class BatchLoader:
             if draw is not None:
                 self.sampler.cancel(draw)
             raise
-        return seq, slot, draw
+        return seq, slot, draw, time.monotonic()
 
     def _deliver(self, slot: int, draw: Draw, res: dict) -> None:
         n = len(draw)
@@ -378,13 +391,13 @@ class BatchLoader:
                 raise
             if res is None:
                 continue
-            _, slot, draw = inflight.popleft()
+            _, slot, draw, _ = inflight.popleft()
             self.ring.give(slot)
             self.sampler.cancel(draw)
 
     def _drop(self, inflight: deque) -> None:
         while inflight:
-            _, slot, draw = inflight.popleft()
+            _, slot, draw, _ = inflight.popleft()
             self.ring.give(slot)
             self.sampler.cancel(draw)
 
@@ -392,6 +405,7 @@ class BatchLoader:
         now = time.monotonic()
         with self._lock:
             self.restarts += 1
+            self._cpu_before += self._cpu.pop(proc.index, 0.0)
             self._restart_times.append(now)
             while self._restart_times and now - self._restart_times[0] > RESTART_WINDOW_S:
                 self._restart_times.popleft()
@@ -406,6 +420,11 @@ class BatchLoader:
         proc.stop()
         if not self._stop.is_set():
             proc.start()
+
+    def cpu_s(self) -> float:
+        """CPU seconds the loader processes used, as of their last answers."""
+        with self._lock:
+            return self._cpu_before + sum(self._cpu.values())
 
     # ---- consumer ---------------------------------------------------------------
     def get(self, timeout: float) -> DrawnBatch | None:
@@ -483,6 +502,7 @@ class DataSource:
             batches=self.batches,
             wait_s=self.wait_s,
             restarts=ld.restarts,
+            loader_cpu_s=ld.cpu_s(),
         )
 
     def close(self) -> None:
