@@ -23,7 +23,6 @@ next call.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ import redis
 from common.types import STACK
 from common.wire import CODEC_IDS, FrameCodec, WireError
 from replay_server.keys import ReplayKeys
-from replay_server.protocol import replay_errors
+from replay_server.protocol import ReplayUnavailable, replay_errors
 from replay_server.redis_proc import redact
 
 MGET_CHUNK = 512  # keys per MGET; all chunks go in one round trip, see _mget_chunks
@@ -84,6 +83,7 @@ class FrameFetcher:
         self._timeout = socket_timeout
         self._clients: list[redis.Redis | None] = [None] * len(urls)
         self._conns: list[redis.Connection | None] = [None] * len(urls)
+        self._gen = [0] * len(urls)  # bumped when a connection is dropped
         self._codecs = [FrameCodec("lz4") for _ in urls]  # decodes any codec by header
         self._where = [f"Redis at {redact(u)}" for u in urls]
         p = self.keys.frame_prefix
@@ -112,60 +112,61 @@ class FrameFetcher:
         spans:   (shard, first row, rows) per shard part, covering ids' rows
         ids:     int64[n, 8] frame ids of every row
         frames:  uint8[2 * capacity * 4, 84, 84], capacity >= n
+        Rows not ``ok`` have unspecified frames. Raises `ReplayUnavailable`.
         """
-        n = ids.shape[0]
-        ok = np.zeros(n, bool)
-        missing = corrupt = 0
+        return self.finish(self.begin(spans, ids, frames, capacity))
+
+    def begin(
+        self,
+        spans: list[tuple[int, int, int]],
+        ids: np.ndarray,
+        frames: np.ndarray,
+        capacity: int,
+    ) -> PendingFetch:
+        """`fetch_batch`'s first half: send the batch's MGETs and return at once.
+
+        A loader process begins the next batch before it finishes this one, so
+        Redis looks up one batch's frames while this process decodes another's.
+        Finish fetches in the order they were begun. Raises `ReplayUnavailable`.
+        """
+        parts = []
         for k, row0, rows in spans:
+            if rows == 0:
+                continue
             sel = np.arange(row0, row0 + rows)
-            r = self.fetch(k, ids[sel], frames, stack_positions(sel, capacity))
+            plan = _Plan.make(k, ids[sel], stack_positions(sel, capacity))
+            parts.append((sel, plan, self._send(k, plan.uniq)))
+        return PendingFetch(parts, frames, ids.shape[0])
+
+    def finish(self, pending: PendingFetch) -> FetchResult:
+        """Read the replies of a begun fetch and decode them into its frames."""
+        ok = np.zeros(pending.n, bool)
+        missing = corrupt = 0
+        for sel, plan, sent in pending.parts:
+            r = self._complete(plan, sent, pending.frames)
             ok[sel] = r.ok
             missing += r.missing
             corrupt += r.corrupt
         return FetchResult(ok, missing, corrupt)
 
-    def fetch(self, k: int, ids: np.ndarray, frames: np.ndarray, pos: np.ndarray) -> FetchResult:
-        """Frames of shard k's rows into ``frames[pos]``.
-
-        ids:     int64[b, 8]  frame ids of each row: s (oldest first) then s'
-        frames:  uint8[P, 84, 84]  C-contiguous, writable (e.g. a shared slot)
-        pos:     int64[b, 8]  where each of those frames goes (distinct positions)
-        Rows not ``ok`` have unspecified frames. Raises `ReplayUnavailable`.
-        """
-        b = ids.shape[0]
-        if b == 0:
-            return FetchResult(np.zeros(0, bool))
-        flat = ids.reshape(-1)
-        uniq, first, inv = np.unique(flat, return_index=True, return_inverse=True)
-        # Each distinct frame decodes into its first position; fetch them in the
-        # order of those positions, so the decoder writes forward through memory
-        # (~10% faster than in frame-id order).
-        order = np.argsort(pos.reshape(-1)[first], kind="stable")
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.size)
-        uniq, first, inv = uniq[order], first[order], rank[inv.reshape(-1)]
-        dest = pos.reshape(-1)[first]
-        good = np.ones(uniq.size, bool)
+    def _complete(self, plan: _Plan, sent: _Sent, frames: np.ndarray) -> FetchResult:
+        k, good = plan.k, np.ones(plan.uniq.size, bool)
         missing = corrupt = 0
-        # Decode each chunk as its reply arrives while Redis answers the next ones.
-        with closing(self._mget_chunks(k, uniq)) as replies:
-            for lo, blobs in replies:
-                idx = np.arange(lo, lo + len(blobs))
-                gone = blobs.count(None)
-                if gone:
-                    missing += gone
-                    keep = np.array([x is not None for x in blobs])
-                    good[idx[~keep]] = False
-                    idx = idx[keep]
-                    blobs = [x for x in blobs if x is not None]
-                corrupt += self._decode(k, blobs, frames, dest[idx], good, idx)
-        ok = good[inv].reshape(b, 2 * STACK).all(axis=1)
+        for lo, blobs in self._replies(k, sent):  # each chunk as its reply arrives
+            idx = np.arange(lo, lo + len(blobs))
+            gone = blobs.count(None)
+            if gone:
+                missing += gone
+                keep = np.array([x is not None for x in blobs])
+                good[idx[~keep]] = False
+                idx = idx[keep]
+                blobs = [x for x in blobs if x is not None]
+            corrupt += self._decode(k, blobs, frames, plan.dest[idx], good, idx)
+        ok = good[plan.inv].reshape(-1, 2 * STACK).all(axis=1)
         # Copy each distinct frame to its other positions (rows that kept all frames).
-        dup = np.ones(flat.size, bool)
-        dup[first] = False
-        dup &= np.repeat(ok, 2 * STACK)
+        dup = plan.dup & np.repeat(ok, 2 * STACK)
         if dup.any():
-            frames[pos.reshape(-1)[dup]] = frames[dest[inv[dup]]]
+            frames[plan.pos[dup]] = frames[plan.dest[plan.inv[dup]]]
         return FetchResult(ok, missing, corrupt)
 
     def _decode(self, k, blobs, frames, dest, good, present) -> int:
@@ -220,29 +221,96 @@ class FrameFetcher:
         rec[:, h + 8 :] = (13, 10)
         return b"*%d\r\n$4\r\nMGET\r\n" % (m + 1) + rec.tobytes()
 
-    def _mget_chunks(self, k: int, ids: np.ndarray) -> Iterator[tuple[int, list[bytes | None]]]:
-        """(first index, values) per chunk of ``MGET_CHUNK`` ids (None where a key
-        is missing): every chunk's MGET is sent at once (one round trip), and each
-        reply is yielded as it arrives. Close the generator when done: a reply
-        left unread closes the connection."""
-        chunks = [(i, ids[i : i + MGET_CHUNK]) for i in range(0, ids.size, MGET_CHUNK)]
-        where, done = self._where[k], 0
+    def _conn(self, k: int) -> redis.Connection:
         conn = self._conns[k]
+        if conn is None:
+            conn = self._conns[k] = self._client(k).connection_pool.get_connection()
+        return conn
+
+    def _reset(self, k: int) -> None:
+        """Drop shard k's connection (replies of begun fetches with it are lost)."""
+        if self._conns[k] is not None:
+            self._conns[k].disconnect()
+        self._gen[k] += 1
+
+    def _send(self, k: int, ids: np.ndarray) -> _Sent:
+        """Send MGETs of ``MGET_CHUNK`` keys each for int64[m] ids, in one sendall."""
+        chunks = [(i, ids[i : i + MGET_CHUNK]) for i in range(0, ids.size, MGET_CHUNK)]
         try:
-            with replay_errors(where):
-                if conn is None:
-                    conn = self._conns[k] = self._client(k).connection_pool.get_connection()
+            with replay_errors(self._where[k]):
                 cmd = b"".join(self.mget_command(c) for _, c in chunks)
-                conn.send_packed_command([cmd], check_health=False)  # one sendall
-            for lo, c in chunks:
+                self._conn(k).send_packed_command([cmd], check_health=False)
+        except BaseException:
+            self._reset(k)
+            raise
+        return _Sent(chunks, self._gen[k])
+
+    def _replies(self, k: int, sent: _Sent) -> Iterator[tuple[int, list[bytes | None]]]:
+        """(first index, values) per chunk of a `_send` (None where a key is
+        missing), read in order. Any failure drops the connection."""
+        where = self._where[k]
+        if sent.gen != self._gen[k]:
+            raise ReplayUnavailable(f"{where}: the connection was reset before the reply")
+        conn = self._conn(k)
+        try:
+            for lo, c in sent.chunks:
                 with replay_errors(where):
                     reply = conn.read_response()
                 if not isinstance(reply, list) or len(reply) != c.size:
                     raise redis.ResponseError(
                         f"MGET of {c.size} keys answered {type(reply).__name__}"
                     )
-                done += 1
                 yield lo, reply
-        finally:
-            if done < len(chunks) and conn is not None:
-                conn.disconnect()  # a half-read reply must not be read by the next call
+        except BaseException:
+            self._reset(k)  # half-read replies must not be read by the next fetch
+            raise
+
+
+@dataclass
+class _Sent:
+    """MGET chunks sent on a shard's connection (its ``gen`` at the time)."""
+
+    chunks: list[tuple[int, np.ndarray]]
+    gen: int
+
+
+@dataclass
+class _Plan:
+    """Where one shard's rows' frames go.
+
+    uniq:  int64[u] distinct frame ids, in the order of their first position
+    dest:  int64[u] that first position (each distinct frame decodes there once)
+    inv:   int64[b * 8] index into uniq of every row position
+    pos:   int64[b * 8] every row position
+    dup:   bool[b * 8]  positions that copy their frame from its first position
+    """
+
+    k: int
+    uniq: np.ndarray
+    dest: np.ndarray
+    inv: np.ndarray
+    pos: np.ndarray
+    dup: np.ndarray
+
+    @staticmethod
+    def make(k: int, ids: np.ndarray, pos: np.ndarray) -> _Plan:
+        flat, pos = ids.reshape(-1), pos.reshape(-1)
+        uniq, first, inv = np.unique(flat, return_index=True, return_inverse=True)
+        # Fetch in the order of the first positions, so the decoder writes forward
+        # through memory (~10% faster than in frame-id order).
+        order = np.argsort(pos[first], kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        first = first[order]
+        dup = np.ones(flat.size, bool)
+        dup[first] = False
+        return _Plan(k, uniq[order], pos[first], rank[inv.reshape(-1)], pos, dup)
+
+
+@dataclass
+class PendingFetch:
+    """A begun `FrameFetcher.fetch_batch`: pass it to `FrameFetcher.finish`."""
+
+    parts: list[tuple[np.ndarray, _Plan, _Sent]]
+    frames: np.ndarray
+    n: int

@@ -60,7 +60,7 @@ from replay_server.sampler import Draw, DrawnBatch, ReplaySampler
 
 log = logging.getLogger(__name__)
 
-DEPTH = 2  # tasks in flight per loader process: it never waits for the driver's draw
+DEPTH = 3  # tasks in flight per loader process: one decoding, one in Redis, one drawn
 BACKOFF_S = (0.1, 5.0)  # first and longest wait between retries while unavailable
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
 START_TIMEOUT_S = 120.0

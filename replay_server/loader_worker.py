@@ -138,8 +138,16 @@ class Channel:
 
 
 def serve(tasks_fd: int, results_fd: int, slots_fd: int) -> None:
-    """The child's loop: one task at a time, in order, until the task pipe closes."""
-    from replay_server.frames import FrameFetcher
+    """The child's loop, until the task pipe closes. Answers go out in task order.
+
+    Pipelined: when the next task is already waiting, its MGETs are sent before
+    the current task's replies are decoded, so Redis looks up one batch while this
+    process decodes the other (measured: the loader's time per batch drops to
+    about its own CPU time instead of its CPU time plus Redis's).
+    """
+    from collections import deque
+
+    from replay_server.frames import FrameFetcher, PendingFetch
     from replay_server.protocol import ReplayUnavailable
 
     chan = Channel(tasks_fd, results_fd)
@@ -152,30 +160,46 @@ def serve(tasks_fd: int, results_fd: int, slots_fd: int) -> None:
     buf = map_slots(slots_fd, layout.total_bytes)
     fetcher = FrameFetcher(init["urls"], init["namespace"], init["codec"])
     chan.send({"ready": os.getpid()})
-    while True:
-        try:
-            task = chan.recv()
-        except EOFError:
-            break
-        assert task is not None
+
+    def begin(task: dict) -> PendingFetch | BaseException:
         slot, n = int(task["slot"]), int(task["n"])
+        try:
+            spans = [tuple(x) for x in task["spans"]]
+            ids = layout.ids(buf, slot)[:n]
+            return fetcher.begin(spans, ids, layout.frames(buf, slot), layout.capacity)
+        except Exception as exc:  # noqa: BLE001 - answered in order by finish()
+            return exc
+
+    def finish(task: dict, begun: PendingFetch | BaseException) -> dict:
         reply: dict[str, Any] = {"t": task["t"]}
         try:
-            ids = layout.ids(buf, slot)[:n]
-            res = fetcher.fetch_batch(
-                [tuple(s) for s in task["spans"]], ids, layout.frames(buf, slot), layout.capacity
-            )
-            layout.ok(buf, slot)[:n] = res.ok
+            if isinstance(begun, BaseException):
+                raise begun
+            res = fetcher.finish(begun)
+            layout.ok(buf, int(task["slot"]))[: int(task["n"])] = res.ok
             reply.update(status="ok", missing=res.missing, corrupt=res.corrupt)
         except ReplayUnavailable as exc:
             reply.update(status="outage", msg=str(exc))
-        except Exception:  # noqa: BLE001 - a bug: reported to the parent, which raises it
-            reply.update(status="error", msg=traceback.format_exc())
+        except Exception as exc:  # noqa: BLE001 - a bug: reported to the parent, which raises it
+            reply.update(status="error", msg="".join(traceback.format_exception(exc)))
         reply["cpu"] = time.process_time()  # this process's CPU seconds so far
+        return reply
+
+    pending: deque[tuple[dict, PendingFetch | BaseException]] = deque()
+    while True:
         try:
-            chan.send(reply)
-        except BrokenPipeError:
+            task = chan.recv(timeout=0.0 if pending else None)
+        except EOFError:
             break
+        if task is not None:
+            pending.append((task, begin(task)))
+            if len(pending) < 2:
+                continue  # begin the next one too if it is already waiting
+        if pending:
+            try:
+                chan.send(finish(*pending.popleft()))
+            except BrokenPipeError:
+                break
     fetcher.close()
 
 
