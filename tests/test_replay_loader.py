@@ -45,6 +45,25 @@ def test_mget_command_names_the_frame_keys():
     assert cmd == want
 
 
+def test_begun_fetches_finish_in_order_with_the_right_frames(
+    redis_url, make_pong_actor, pong_frames
+):
+    """Two batches in flight on one connection (what a loader process does)."""
+    rec: dict = {}
+    shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, record=rec)
+    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=3)
+    fetcher = FrameFetcher([redis_url])
+    draws = [sampler.draw(40) for _ in range(2)]
+    frames = [np.zeros((2 * 40 * 4, 84, 84), np.uint8) for _ in draws]
+    begun = [fetcher.begin(d.spans(), d.ids(), f, 40) for d, f in zip(draws, frames, strict=True)]
+    for d, f, b in zip(draws, frames, begun, strict=True):
+        assert fetcher.finish(b).ok.all()
+        obs, nxt = expected_stacks(rec, np.concatenate([r.keys for _, r in d.parts]))
+        assert np.array_equal(f[:160].reshape(40, 4, 84, 84), obs)
+        assert np.array_equal(f[160:].reshape(40, 4, 84, 84), nxt)
+    fetcher.close()
+
+
 def test_loader_processes_deliver_the_replays_frames(redis_url, make_pong_actor, pong_frames):
     urls = [redis_url, redis_url[: redis_url.rfind("/")] + "/1"]
     recs: list[dict] = [{}, {}]
