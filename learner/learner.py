@@ -8,9 +8,9 @@ applied when ``cfg.learner.compile``. On CPU the same code runs without copies
 (``torch.from_numpy``), with denormal floats flushed to zero (see ``__init__``: a
 10-40x slowdown otherwise).
 
-Precision (``--learner-dtype``): ``bfloat16`` runs the convolutional torso under
-bf16 autocast, on CUDA and CPU alike; the value/advantage heads, the dueling
-aggregation, the Double-DQN argmax, the targets, the TD errors (new priorities)
+Precision (``--learner-dtype``): ``bfloat16`` runs the trunk (convolutions and
+the 512-unit hidden layers) under bf16 autocast, on CUDA and CPU alike; the
+output layers, the dueling aggregation, the Double-DQN argmax, the targets, the TD errors (new priorities)
 and the loss are float32 either way (`common.network`, `learner.losses`).
 ``auto`` times a few forward/backward passes in both at start-up
 (`probe_dtype`) and takes bfloat16 only where it is at least
@@ -92,7 +92,7 @@ class Learner:
 
     Attributes: ``device`` (torch.device), ``updates`` (int, optimizer steps so far),
     ``online``/``target`` (QNetwork), ``optimizer``, ``dtype`` ("float32" or
-    "bfloat16": the torso's compute precision in use), ``dtype_reason`` (str: why,
+    "bfloat16": the trunk's compute precision in use), ``dtype_reason`` (str: why,
     with the probe's timings when ``learner_dtype`` is auto).
     """
 
@@ -241,7 +241,7 @@ class Learner:
             with torch.no_grad():
                 target_next = self._target_fn(next_obs)
                 online_next = self._online_fn(next_obs) if self.double else target_next
-        # q, online_next, target_next are float32 (the heads run outside autocast)
+        # q, online_next, target_next are float32 (output layers run outside autocast)
         targets = td_targets(online_next, target_next, returns, discounts, self.double)
         loss, td_abs = dqn_loss(q, actions, targets, weights)
 
