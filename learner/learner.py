@@ -158,29 +158,34 @@ class Learner:
     def probe_dtype(self, batch_size: int, reps: int = 3) -> dict[str, float]:
         """Seconds per forward/backward pass of one update (Q(s), Q(s') twice, backward;
         no optimizer step, so nothing changes) on a random batch, per dtype:
-        ``{"float32": s, "bfloat16": s}``. Each dtype gets 2 untimed passes first."""
+        ``{"float32": s, "bfloat16": s}``. Two untimed passes of each first, then
+        ``reps`` timed passes of each, alternating (load from other processes hits
+        both alike)."""
         rng = np.random.default_rng(0)
         shape = (batch_size, 4, 84, 84)
         obs = self._to_device("probe", rng.integers(0, 256, shape, dtype=np.uint8))
         if self.cuda:
             obs = obs.contiguous(memory_format=torch.channels_last)
         actions = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        times: dict[str, float] = {}
-        for name in ("float32", "bfloat16"):
-            for i in range(2 + reps):
-                if i == 2:
-                    self._sync()
-                    t0 = time.perf_counter()
-                with torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=name == "bfloat16"
-                ):
-                    q = self.online(obs)
-                    with torch.no_grad():
-                        self.target(obs)
-                        self.online(obs)
-                q.gather(1, actions.unsqueeze(1)).sum().backward()
+
+        def one_pass(bf16: bool) -> float:
             self._sync()
-            times[name] = (time.perf_counter() - t0) / reps
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                q = self.online(obs)
+                with torch.no_grad():
+                    self.target(obs)
+                    self.online(obs)
+            q.gather(1, actions.unsqueeze(1)).sum().backward()
+            self._sync()
+            return time.perf_counter() - t0
+
+        times = {"float32": 0.0, "bfloat16": 0.0}
+        for i in range(2 + reps):
+            for name in times:
+                t = one_pass(name == "bfloat16")
+                if i >= 2:
+                    times[name] += t / reps
         self.optimizer.zero_grad(set_to_none=True)
         self._pinned.pop("probe", None)
         return times
