@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,48 @@ from common.types import TransitionBatch
 from common.weights import WeightSubscriber
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorStats:
+    """What `ApexActor.stats` reports (counters since this process started).
+
+    frames / env_steps / vector_steps: emulator frames (frame skip counted for ALE),
+        env steps (all E envs), vector steps
+    transitions_pushed / _dropped / _buffered: acknowledged by Redis / dropped from
+        the full outage buffer / waiting in it (`actors.outbox.OutboxStats`)
+    pushes / pushes_failed / replay_resets / replay_ok: see `OutboxStats`
+    weight_version: the policy version acting now; epsilon_min / _max: this actor's
+    schedule_frames: where a decaying epsilon schedule stands (restarts included)
+    episode_returns / episode_lengths: raw returns and lengths (steps) of the
+        episodes finished since the last ``stats(reset_episodes=True)``
+    time: seconds spent in env, inference, other, encode, push, throttle
+    incarnation: the writer's (None before the first connection); restarted: Ray
+        reran the constructor; seed_salt: mixed into the seeds after a restart
+    """
+
+    actor: int
+    frames: int
+    env_steps: int
+    vector_steps: int
+    transitions_pushed: int
+    transitions_dropped: int
+    transitions_buffered: int
+    pushes: int
+    pushes_failed: int
+    replay_resets: int
+    replay_ok: bool
+    weight_version: int
+    epsilon_min: float
+    epsilon_max: float
+    schedule_frames: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    time: dict[str, float]
+    incarnation: int | None
+    restarted: bool
+    seed_salt: int
+    inference_dtype: str
 
 
 def _was_reconstructed() -> bool:
@@ -153,7 +196,7 @@ class ApexActor:
         max_steps: int | None = None,
         stop_after_seconds: float | None = None,
         schedule_frames: int | None = None,
-    ) -> dict:
+    ) -> ActorStats:
         """Step the envs until ``stop()``, ``max_steps`` vector steps or the time limit.
 
         schedule_frames: env frames this actor index has produced before, over
@@ -222,7 +265,7 @@ class ApexActor:
         """Make ``run`` return after its current step (thread-safe)."""
         self._stop.set()
 
-    def stats(self, reset_episodes: bool = True) -> dict:
+    def stats(self, reset_episodes: bool = True) -> ActorStats:
         """Counters since start; episodes (raw returns, lengths in steps) since the last call."""
         box = self._outbox.stats()
         with self._lock:
@@ -230,30 +273,30 @@ class ApexActor:
             if reset_episodes:
                 self._episodes.clear()
             env_steps = self._n["vector_steps"] * self.num_envs
-            return {
-                "actor": self.index,
-                "frames": self.frame_skip * env_steps,
-                "env_steps": env_steps,
-                "vector_steps": self._n["vector_steps"],
-                "transitions_pushed": box.pushed,
-                "transitions_dropped": box.dropped,
-                "transitions_buffered": box.buffered,
-                "pushes": box.pushes,
-                "pushes_failed": box.push_failed,
-                "replay_resets": box.resets,
-                "replay_ok": box.replay_ok,
-                "weight_version": self.policy_version,
-                "epsilon_min": float(np.min(self._eps)),
-                "epsilon_max": float(np.max(self._eps)),
-                "schedule_frames": self._schedule_offset + self.frame_skip * env_steps,
-                "episode_returns": [r for r, _ in episodes],
-                "episode_lengths": [n_ for _, n_ in episodes],
-                "time": {**self._time, **self._outbox.time},
-                "incarnation": box.incarnation,
-                "restarted": self.restarted,
-                "seed_salt": self.seed_salt,
-                "inference_dtype": self._policy.dtype,
-            }
+            return ActorStats(
+                actor=self.index,
+                frames=self.frame_skip * env_steps,
+                env_steps=env_steps,
+                vector_steps=self._n["vector_steps"],
+                transitions_pushed=box.pushed,
+                transitions_dropped=box.dropped,
+                transitions_buffered=box.buffered,
+                pushes=box.pushes,
+                pushes_failed=box.push_failed,
+                replay_resets=box.resets,
+                replay_ok=box.replay_ok,
+                weight_version=self.policy_version,
+                epsilon_min=float(np.min(self._eps)),
+                epsilon_max=float(np.max(self._eps)),
+                schedule_frames=self._schedule_offset + self.frame_skip * env_steps,
+                episode_returns=[r for r, _ in episodes],
+                episode_lengths=[n_ for _, n_ in episodes],
+                time={**self._time, **self._outbox.time},
+                incarnation=box.incarnation,
+                restarted=self.restarted,
+                seed_salt=self.seed_salt,
+                inference_dtype=self._policy.dtype,
+            )
 
     def schedule_frames(self) -> int:
         """Where the exploration schedule stands: frames of earlier incarnations

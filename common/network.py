@@ -91,6 +91,7 @@ class QNetwork(nn.Module):
                 p.data = p.data.to(dtype)
         return self
 
+
 def weights_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """State dict as CPU float numpy arrays (what travels to actors)."""
     return {k: v.detach().to("cpu").float().numpy().copy() for k, v in model.state_dict().items()}

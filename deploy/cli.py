@@ -11,9 +11,21 @@ import argparse
 import sys
 from typing import Any
 
-from common.config import Config, ConfigError, field_type, iter_fields
+from common.config import (
+    BOUNDS,
+    REDIS_URL_ENV,
+    SECTIONS,
+    Config,
+    ConfigError,
+    field_type,
+    iter_fields,
+    load_file,
+    parse_flag,
+)
+from common.redact import url_secrets
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def _flag(name: str) -> str:
@@ -28,6 +40,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         "actor": "actors",
         "learner": "learner",
         "run": "run",
+        "eval": "evaluation during training",
     }
     groups = {s: parser.add_argument_group(t) for s, t in titles.items()}
     for section, f in iter_fields():
@@ -44,15 +57,32 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         shown = "" if default == "" else f" (default: {default})"
+        bound = BOUNDS.get(f.name)
+        if bound is not None:
+            shown += f"; range {bound.describe()}".replace("%", "%%")
         groups[section].add_argument(
             _flag(f.name),
             dest=f"{section}.{f.name}",
-            type=typ,
+            type=_flag_type(typ, f.name),
             default=None,
             choices=f.metadata.get("choices"),
             metavar=f.name.upper(),
             help=f"{help_text}{shown}",
         )
+
+
+def _flag_type(typ: type, name: str) -> Any:
+    """argparse ``type=`` for a config field: the config file's parsing rules
+    (``--capacity 2e6`` is an int), errors as argparse errors (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_flag(text, typ, name)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+    parse.__name__ = typ.__name__  # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an agent (default: Pong on local Ray with an embedded redis-server)",
         description="Train an agent. With no flags: ALE/Pong-v5, local Ray, embedded "
         "redis-server, CUDA if available. Flags override --config FILE (TOML/YAML, "
-        "sections [env] [replay] [actor] [learner] [run] holding the same names "
-        "with underscores). Ctrl-C stops cleanly and writes a final checkpoint.",
+        "sections [env] [replay] [actor] [learner] [run] [eval] holding the same names "
+        "with underscores). Ctrl-C stops cleanly and writes a final checkpoint. "
+        f"The replay's Redis URL: --redis-url, else --redis-url-file, else ${REDIS_URL_ENV} "
+        "(environment variable; keeps a password out of ps), else embedded redis-server(s). "
+        "Numbers must lie in the [range] shown with each flag.",
     )
     train.add_argument("--config", metavar="FILE", help="TOML or YAML config file")
+    train.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and flags, print the resolved config as TOML (passwords "
+        "redacted) and exit 0, or exit 2 with the error; starts no Ray, Redis or env",
+    )
     _add_config_flags(train)
 
     ev = sub.add_parser(
@@ -131,16 +170,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
+def config_from_args(
+    args: argparse.Namespace, warn: Any = lambda msg: print(msg, file=sys.stderr)
+) -> Config:
+    """Defaults < the resumed checkpoint's settings < ``--config FILE`` < flags; the
+    Redis URL resolved (`Config.resolve_redis_url`); validated. ``warn`` gets one
+    line per warning.
+
+    With ``--resume CKPT`` the run continues with the settings it was started
+    with (game, replay, logdir: the checkpoint's directory), so ``--resume`` alone
+    continues it; flags and a config file given with it still win. The
+    checkpoint holds the Redis URL without its password: give it again.
+    """
+    file_data = load_file(args.config) if getattr(args, "config", None) else {}
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
+    resume = overrides.get("run", {}).get("resume") or file_data.get("run", {}).get("resume")
+    cfg = _resumed_config(resume) if resume else Config()
+    for section, values in file_data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            Config.from_dict({section: values}, source=str(args.config))  # raises the error
+        cfg.update(section, values, source=str(args.config))
     for section, values in overrides.items():
         cfg.update(section, values, source="flags")
+    flag_url = overrides.get("replay", {}).get("redis_url", "")
+    if flag_url and url_secrets(flag_url):
+        warn(
+            "apex-dqn train: warning: the password in --redis-url is visible to every "
+            f"local user (ps, /proc); pass the URL in ${REDIS_URL_ENV} or --redis-url-file"
+        )
+    for msg in cfg.resolve_redis_url():
+        warn(f"apex-dqn train: {msg}")
     return cfg.validate()
+
+
+def _resumed_config(path: str) -> Config:
+    """The settings of the run that wrote checkpoint ``path``."""
+    from pathlib import Path
+
+    from learner.checkpoint import CheckpointError, checkpoint_config
+
+    try:
+        stored = checkpoint_config(path)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = Config.from_dict(stored, source=f"checkpoint {path}")
+    cfg.run.resume = path
+    cfg.run.logdir = str(Path(path).resolve().parent)  # the run lives where its checkpoints are
+    if "***" in cfg.replay.redis_url:  # stored without its password: give it again
+        cfg.replay.redis_url = ""
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,13 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
-            from deploy.launcher import LaunchError, train
+            if args.check:
+                from deploy.check import check
+
+                print(check(cfg), end="")
+                return 0
+            from deploy.launcher import LaunchError, RunError, train
+            from learner.loop import NonFiniteLoss
 
             try:
                 train(cfg)
             except LaunchError as exc:
                 print(f"apex-dqn train: error: {exc}", file=sys.stderr)
                 return EXIT_USAGE
+            except (RunError, NonFiniteLoss) as exc:
+                print(f"apex-dqn train: error: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
@@ -174,12 +265,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from learner.checkpoint import CheckpointError
-    from learner.evaluate import evaluate
+    from learner.evaluate import MAX_PARALLEL, evaluate
 
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes={args.episodes} must be >= 1")
-    if not 0.0 <= args.epsilon <= 1.0:
+    if not 1 <= args.episodes <= 1_000_000:
+        raise ConfigError(f"--episodes={args.episodes} must be in [1, 1_000_000]")
+    if not 0.0 <= args.epsilon <= 1.0:  # NaN fails this too
         raise ConfigError(f"--epsilon={args.epsilon} must be in [0, 1]")
+    max_seed = int(BOUNDS["seed"].hi) - MAX_PARALLEL + 1
+    if not 0 <= args.seed <= max_seed:
+        raise ConfigError(
+            f"--seed={args.seed} must be in [0, {max_seed}] (ALE takes int32 seeds; "
+            "the parallel envs get seed + j)"
+        )
     try:
         result = evaluate(
             args.checkpoint,

@@ -6,8 +6,9 @@ Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
 ``P f:<8-byte id>``        one encoded frame (:class:`common.wire.FrameCodec`);
                            the id is the big-endian int64 frame id (binary keys
                            save ~10 B per frame over decimal)
-``P incoming``             list of msgpack TransitionBatches (writers RPUSH,
-                           the shard LPOPs)
+``P incoming``             list of msgpack TransitionBatches (writers RPUSH; the
+                           shard reads a prefix with LRANGE and removes it with
+                           LTRIM in the MULTI that stores it)
 ``P rec:<chunk>``          binary string: ``RECORDS_PER_CHUNK`` fixed-size
                            transition records (see ``replay_server.shard``)
 ``P groups``               hash ``group id -> frame id runs`` of stored frames
@@ -28,6 +29,9 @@ Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
 ``P pushed``               counter: transitions writers pushed (INCRBY per push)
 ``P budget``               the learner's insert budget: writers that pushed more
                            than this wait (samples-per-insert on the insert side)
+``P heartbeat``            the shard's liveness: its pid and time, written every
+                           second with a 10 s TTL (a failing write is how the shard
+                           notices a Redis that refuses writes while idle)
 =========================  ======================================================
 
 Bump :data:`KEY_VERSION` whenever the meaning of a key or record changes; a
@@ -66,6 +70,7 @@ class ReplayKeys:
         self.meta = p + b"meta"
         self.pushed = p + b"pushed"
         self.budget = p + b"budget"
+        self.heartbeat = p + b"heartbeat"
 
     def frame(self, frame_id: int) -> bytes:
         """Key of one frame."""
@@ -103,6 +108,7 @@ class ReplayKeys:
             self.meta: "hash",
             self.pushed: "string",
             self.budget: "string",
+            self.heartbeat: "string",
         }
 
     @staticmethod

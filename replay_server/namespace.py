@@ -32,6 +32,7 @@ META_LIMITS: dict[str, int] = {
     "first_slot": 1 << 56,
     "next_slot": 1 << 56,
     "inserted_total": 1 << 62,
+    "received": 1 << 62,
     "evictions": 1 << 62,
     "malformed": 1 << 62,
     "rejected": 1 << 62,

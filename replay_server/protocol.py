@@ -127,10 +127,13 @@ class ShardStats:
     total_priority:       sum of p**alpha over stored transitions
     bytes_used:           the Redis server's used_memory (cached 1 s; 0 if unknown)
     evictions:            transitions evicted by the FIFO ring
+    received:             transitions in pushes that decoded (stored or not)
     malformed:            pushes that did not decode (skipped)
     rejected:             records refused by validation (never stored)
     dangling:             transitions dropped (or made unsampleable) because their
-                          frames were missing
+                          frames were missing at ingest
+    removed:              stored transitions made unsampleable because a sampler
+                          found their frames missing (`ReplayShard.remove`)
     ingest_errors:        background rounds that failed (Redis unavailable, or a bug)
     frames_stored:        frames the index refers to
     frame_groups:         frame groups (one per push) alive
@@ -153,9 +156,11 @@ class ShardStats:
     total_priority: float = 0.0
     bytes_used: int = 0
     evictions: int = 0
+    received: int = 0
     malformed: int = 0
     rejected: int = 0
     dangling: int = 0
+    removed: int = 0
     ingest_errors: int = 0
     frames_stored: int = 0
     frame_groups: int = 0

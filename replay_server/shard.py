@@ -94,10 +94,12 @@ MAX_RETURN = 1e9  # n-step returns of raw scores stay far below this
 MAX_ACTIONS = 1 << 16
 SLOT_BITS = 56  # keys are slots < 2**56; the sampler puts the shard index above
 BACKOFF_MAX_S = 2.0
+HEARTBEAT_S = 1.0
 OUTAGE_LOG_EVERY_S = 30.0
 
 # counters kept in ``P meta`` (besides capacity, first_slot, next_slot, next_gid)
 _COUNTERS = (
+    "received",
     "inserted_total",
     "evictions",
     "malformed",
@@ -187,11 +189,13 @@ class ReplayShard:
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.sampled_total = 0
         self.ingest_errors = 0
+        self.removed = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
         self._mem = (0.0, 0)
         self._down_since: float | None = None
         self._down_logged = 0.0
         self._last_snapshot = time.monotonic()
+        self._last_beat = 0.0
         self._last_sweep = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -296,15 +300,24 @@ class ReplayShard:
             return int(ok.sum())
 
     def remove(self, keys: np.ndarray) -> int:
-        """Never sample these slots again (weight 0): rows whose frames are gone.
-        Returns how many live slots were removed."""
+        """Never sample these slots again (weight 0): rows whose frames are gone
+        (counted ``removed``). Returns how many live slots were removed."""
         slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
         with self._lock:
             ok = (slots >= self._first) & (slots < self._next)
-            pos = slots[ok] % self.capacity
+            pos = np.unique(slots[ok] % self.capacity)
             self._tree.update(pos, np.zeros(pos.size))
-            self.counters["dangling"] += int(np.unique(pos).size)
-            return int(ok.sum())
+            self.removed += int(pos.size)
+            return int(pos.size)
+
+    def queued(self) -> int:
+        """Pushes waiting in the incoming list (0 when Redis cannot be read)."""
+        try:
+            self._ensure_ready()
+            with replay_errors(self._where):
+                return int(self._client.llen(self.keys.incoming))
+        except (ReplayUnavailable, NamespaceError):
+            return 0
 
     def get_priorities(self, keys: np.ndarray) -> np.ndarray:
         """float32[k] current priorities of keys (NaN for slots no longer stored)."""
@@ -339,9 +352,11 @@ class ReplayShard:
                 total_priority=self._tree.total,
                 bytes_used=self._mem[1],
                 evictions=c["evictions"],
+                received=c["received"],
                 malformed=c["malformed"],
                 rejected=c["rejected"],
                 dangling=c["dangling"],
+                removed=self.removed,
                 ingest_errors=self.ingest_errors,
                 frames_stored=self._groups.frame_count,
                 frame_groups=len(self._groups),
@@ -447,6 +462,7 @@ class ReplayShard:
                 log.warning("skipping malformed replay entry (%d bytes): %s", len(item), exc)
                 continue
             fids = meta["frame_ids"]
+            counts["received"] = counts.get("received", 0) + len(batch)
             if not _writer_frames_ok(fids, incarnation):
                 counts["rejected"] = counts.get("rejected", 0) + len(batch)
                 log.warning(
@@ -543,8 +559,11 @@ class ReplayShard:
                 ):
                     self.sweep_orphans()
                 n = self.ingest()
-                if time.monotonic() - self._last_snapshot >= self.snapshot_seconds:
+                now = time.monotonic()
+                if now - self._last_snapshot >= self.snapshot_seconds:
                     self.snapshot()
+                if now - self._last_beat >= HEARTBEAT_S:
+                    self._beat()
             except ReplayUnavailable as exc:
                 self._note_down(exc)
                 self._stop.wait(backoff)
@@ -564,6 +583,12 @@ class ReplayShard:
             self._note_up()
             if n == 0:
                 self._stop.wait(0.005)
+
+    def _beat(self) -> None:
+        """Liveness key (and a write: an idle shard notices a Redis refusing writes)."""
+        with replay_errors(self._where):
+            self._client.set(self.keys.heartbeat, f"{self.pid} {time.time():.3f}", ex=10)
+        self._last_beat = time.monotonic()
 
     def _note_down(self, exc: BaseException) -> None:
         self.ingest_errors += 1
@@ -643,8 +668,17 @@ class ReplayShard:
 
         Bounded and defensive: sizes are checked before anything is allocated,
         records that fail validation get weight 0, group records that do not
-        parse are dropped. Raises `NamespaceError` for another run's replay.
+        parse are dropped. Raises `NamespaceError` for another run's replay or a
+        key of the wrong type.
         """
+        try:
+            self._load_checked()
+        except redis.ResponseError as exc:  # WRONGTYPE and friends: not an outage
+            raise NamespaceError(
+                f"the {self._where} holds replay keys that are not a replay: {exc}"
+            ) from None
+
+    def _load_checked(self) -> None:
         k, client = self.keys, self._client
         token = os.urandom(16).hex()
         with replay_errors(self._where):
