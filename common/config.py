@@ -11,11 +11,19 @@ pass it down.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
+import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from common.redact import REDACTED, redact_url, url_secrets
+
+REDIS_URL_ENV = "APEX_REDIS_URL"
 
 
 class ConfigError(ValueError):
@@ -65,8 +73,14 @@ class EnvConfig:
 class ReplayConfig:
     redis_url: str = _f(
         "",
-        "redis://host:port[/db] of the replay; comma-separated for several shards; "
-        "empty starts embedded redis-server(s)",
+        "redis://[:PASSWORD@]host:port[/db] of the replay; comma-separated for several "
+        "shards; empty: $APEX_REDIS_URL, else embedded redis-server(s). A password given "
+        "here is visible to every local user in ps: prefer $APEX_REDIS_URL or --redis-url-file",
+    )
+    redis_url_file: str = _f(
+        "",
+        "file holding the replay's Redis URL (read once at start; keep it mode 600); "
+        "instead of --redis-url",
     )
     shards: int = _f(1, "replay shards (one redis-server each) when --redis-url is empty")
     capacity: int = _f(1_000_000, "replay capacity in transitions, all shards together (Ape-X: 2M)")
@@ -151,6 +165,132 @@ class RunConfig:
     seed: int = _f(0, "base random seed")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of one numeric field: a finite number in ``[lo, hi]``
+    (``lo``/``hi`` excluded when ``lo_open``/``hi_open``), or one of ``special``
+    (sentinels such as ``0 = auto``, value -> meaning). ``why``: the reason for
+    the range, printed with the error."""
+
+    lo: float
+    hi: float
+    why: str
+    lo_open: bool = False
+    hi_open: bool = False
+    special: tuple[tuple[float, str], ...] = ()
+
+    def allows(self, value: float) -> bool:
+        if any(value == s for s, _ in self.special):
+            return True
+        if not _finite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        lo, hi = _num(self.lo), _num(self.hi)
+        text = f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        for s, meaning in self.special:
+            text += f" or {_num(s)} ({meaning})"
+        return text
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range: finite, and out of every range
+        return True
+
+
+def _num(x: float) -> str:
+    if float(x).is_integer() and abs(x) >= 10_000:
+        return f"{int(x):_}"
+    return f"{x:g}"
+
+
+# Every int and float field, its allowed range and why (checked in Config.validate;
+# tests/test_config_cli.py checks that no numeric field is missing). Bytes per
+# transition: ~450 in Redis (README, bench/replay.py) + ~100 of index in the shard
+# process (an 80-byte record, the priority and the sum tree).
+BOUNDS: dict[str, Bound] = {
+    # [env]
+    "sticky_actions": Bound(0, 1, "a probability", special=((-1, "the id's own"),)),
+    "max_episode_frames": Bound(1, 10**8, "emulator frames per episode; 10^8 is 19 days of play"),
+    "noop_max": Bound(0, 10_000, "no-ops at reset; the evaluation protocol uses 30"),
+    # [replay]
+    "shards": Bound(1, 64, "one redis-server and one Ray actor each, all on the driver's node"),
+    "capacity": Bound(
+        1,
+        10**9,
+        "~550 B of RAM per transition in Redis and the index, so 10^9 needs ~0.55 TB; Ape-X used 2M",
+    ),
+    "min_replay": Bound(1, 10**9, "transitions stored before learning; at most --capacity"),
+    "alpha": Bound(0, 1, "priority exponent: 0 uniform, 1 fully proportional"),
+    "beta": Bound(0, 1, "importance-weight exponent: 1 corrects fully"),
+    "beta_anneal_updates": Bound(1, 10**10, "learner updates; Ape-X ran ~10^6"),
+    "samples_per_insert": Bound(
+        0.01,
+        10_000,
+        "sampled/inserted ratio; outside it the rate limiter's tolerance overflows",
+        special=((0, "unlimited"),),
+    ),
+    "loader_workers": Bound(1, 64, "sampling threads in the driver process"),
+    "prefetch": Bound(
+        1, 64, "batches queued in RAM, each 2 x B x 4 x 84 x 84 bytes: 29 MB at B=512"
+    ),
+    # [actor]
+    "actors": Bound(1, 10_000, "one CPU each; Ape-X used 360"),
+    "envs_per_actor": Bound(1, 1024, "environments stepped and inferred together by one actor"),
+    "n_step": Bound(1, 100, "return length in agent steps; Ape-X used 3"),
+    "gamma": Bound(0, 1, "a discount", lo_open=True),
+    "eps_base": Bound(0, 1, "an epsilon", lo_open=True, hi_open=True),
+    "eps_alpha": Bound(0, 100, "exponent spread; 100 already gives eps_N ~ 1e-40"),
+    "eps_start": Bound(0, 1, "an epsilon"),
+    "eps_end": Bound(0, 1, "an epsilon"),
+    "eps_decay_frames": Bound(1, 10**12, "env frames per actor"),
+    "push_every": Bound(1, 10_000, "vector steps per push; a push holds steps x envs transitions"),
+    "weight_poll_steps": Bound(1, 10**6, "vector steps between weight checks"),
+    "local_buffer": Bound(
+        1,
+        10**6,
+        "transitions an actor keeps in RAM while Redis is down, ~0.4-2 KB each with "
+        "their compressed frames",
+    ),
+    # [learner]
+    "batch_size": Bound(1, 8192, "transitions per update", special=((0, "auto"),)),
+    "lr": Bound(0, 1, "a learning rate", lo_open=True, special=((0, "the optimizer's default"),)),
+    "target_update": Bound(1, 10**8, "learner updates between target copies"),
+    "grad_clip": Bound(0, 10**6, "a gradient norm", lo_open=True),
+    "publish_seconds": Bound(0.01, 3600, "seconds between weight broadcasts"),
+    "checkpoint_minutes": Bound(
+        0.05,
+        10_080,
+        "minutes between checkpoints: more often than every 3 s slows training; at most a week",
+    ),
+    "torch_threads": Bound(0, 1024, "CPU threads", special=((0, "torch's default"),)),
+    # [run]
+    "max_seconds": Bound(0, 31_536_000, "at most a year", special=((0, "no limit"),)),
+    "max_frames": Bound(
+        0, 10**12, "env frames; Ape-X used 2.3 x 10^10", special=((0, "no limit"),)
+    ),
+    "log_every": Bound(0.1, 86_400, "seconds between progress lines"),
+    "seed": Bound(
+        0,
+        2**31 - 1,
+        "seeds torch, numpy and ALE, which takes int32 seeds; evaluate seeds env j with seed + j",
+    ),
+}
+
+# Paths that end up inside the embedded redis-server's redis.conf (its data directory
+# lies under LOGDIR unless --data-dir says otherwise): a quote, a backslash or a
+# newline there would end the value and start a directive of the path's choosing.
+CONF_PATH_FIELDS = ("data_dir", "logdir")
+PATH_FIELDS = ("data_dir", "logdir", "resume", "summary_json", "redis_url_file")
+_CONF_UNSAFE = set("\"'\\")
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:(0|[1-9]\d{0,2})")
+
+
 SECTIONS: dict[str, type] = {
     "env": EnvConfig,
     "replay": ReplayConfig,
@@ -205,7 +345,12 @@ class Config:
             setattr(obj, key, _coerce(value, hints[key], f"{source}: [{section}] {key}"))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return asdict(self)
+        """Plain values for config.json and checkpoints, the Redis password
+        redacted (``redis://:***@host``): ``--resume`` takes the URL again from
+        ``$APEX_REDIS_URL``, ``--redis-url-file`` or ``--redis-url``."""
+        data = asdict(self)
+        data["replay"]["redis_url"] = redact_url(data["replay"]["redis_url"])
+        return data
 
     # ---- derived values ------------------------------------------------
     def redis_urls(self) -> list[str]:
@@ -217,100 +362,146 @@ class Config:
 
     # ---- validation ----------------------------------------------------
     def validate(self) -> Config:
-        """Raise `ConfigError` naming the first bad value; return self when fine."""
-        e, r, a, learner, run = self.env, self.replay, self.actor, self.learner, self.run
-        checks: list[tuple[bool, str]] = [
-            (
-                e.sticky_actions == -1.0 or 0.0 <= e.sticky_actions <= 1.0,
-                f"sticky_actions={e.sticky_actions} must be in [0, 1] (or -1 for the id's default)",
-            ),
-            (e.max_episode_frames > 0, f"max_episode_frames={e.max_episode_frames} must be > 0"),
-            (e.noop_max >= 0, f"noop_max={e.noop_max} must be >= 0"),
-            (a.actors >= 1, f"actors={a.actors} must be >= 1"),
-            (a.envs_per_actor >= 1, f"envs_per_actor={a.envs_per_actor} must be >= 1"),
-            (a.n_step >= 1, f"n_step={a.n_step} must be >= 1"),
-            (0.0 < a.gamma <= 1.0, f"gamma={a.gamma} must be in (0, 1]"),
-            (0.0 < a.eps_base < 1.0, f"eps_base={a.eps_base} must be in (0, 1)"),
-            (a.eps_alpha >= 0.0, f"eps_alpha={a.eps_alpha} must be >= 0"),
-            (
-                0.0 <= a.eps_end <= a.eps_start <= 1.0,
-                f"need 0 <= eps_end ({a.eps_end}) <= eps_start ({a.eps_start}) <= 1",
-            ),
-            (a.eps_decay_frames >= 1, f"eps_decay_frames={a.eps_decay_frames} must be >= 1"),
-            (a.push_every >= 1, f"push_every={a.push_every} must be >= 1"),
-            (a.weight_poll_steps >= 1, f"weight_poll_steps={a.weight_poll_steps} must be >= 1"),
-            (a.local_buffer >= 1, f"local_buffer={a.local_buffer} must be >= 1"),
-            (r.shards >= 1, f"shards={r.shards} must be >= 1"),
-            (r.capacity >= 1, f"capacity={r.capacity} must be >= 1"),
-            (r.min_replay >= 1, f"min_replay={r.min_replay} must be >= 1"),
-            (
-                r.min_replay <= r.capacity,
-                f"min_replay={r.min_replay} must not exceed capacity={r.capacity}",
-            ),
-            (0.0 <= r.alpha <= 1.0, f"alpha={r.alpha} must be in [0, 1]"),
-            (0.0 <= r.beta <= 1.0, f"beta={r.beta} must be in [0, 1]"),
-            (
-                r.beta_anneal_updates >= 1,
-                f"beta_anneal_updates={r.beta_anneal_updates} must be >= 1",
-            ),
-            (
-                r.samples_per_insert >= 0.0,
-                f"samples_per_insert={r.samples_per_insert} must be >= 0 (0 = unlimited)",
-            ),
-            (r.loader_workers >= 1, f"loader_workers={r.loader_workers} must be >= 1"),
-            (r.prefetch >= 1, f"prefetch={r.prefetch} must be >= 1"),
-            (learner.batch_size >= 0, f"batch_size={learner.batch_size} must be >= 1 (0 = auto)"),
-            (learner.lr >= 0.0, f"lr={learner.lr} must be > 0 (0 = the optimizer's default)"),
-            (learner.target_update >= 1, f"target_update={learner.target_update} must be >= 1"),
-            (learner.grad_clip > 0.0, f"grad_clip={learner.grad_clip} must be > 0"),
-            (
-                learner.publish_seconds > 0.0,
-                f"publish_seconds={learner.publish_seconds} must be > 0",
-            ),
-            (
-                learner.checkpoint_minutes > 0.0,
-                f"checkpoint_minutes={learner.checkpoint_minutes} must be > 0",
-            ),
-            (learner.torch_threads >= 0, f"torch_threads={learner.torch_threads} must be >= 0"),
-            (run.max_seconds >= 0.0, f"max_seconds={run.max_seconds} must be >= 0"),
-            (run.max_frames >= 0, f"max_frames={run.max_frames} must be >= 0"),
-            (run.log_every > 0.0, f"log_every={run.log_every} must be > 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"bad config value: {msg}")
+        """Raise `ConfigError` naming the first bad value and what to do; return
+        self when fine. Every number must be finite and inside its `BOUNDS`
+        range; then the cross-field rules, the device, the paths and the URLs."""
         for section, f in iter_fields():
-            choices = f.metadata.get("choices")
             value = getattr(getattr(self, section), f.name)
+            bound = BOUNDS.get(f.name)
+            if bound is not None and not bound.allows(value):
+                finite = "" if _finite(value) else "a finite number "
+                raise ConfigError(
+                    f"bad config value: {f.name}={value!r} must be {finite}in "
+                    f"{bound.describe()}: {bound.why}. Set {_flag(f.name)} "
+                    f"(or {f.name} under [{section}]) within that range"
+                )
+            choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(
                     f"bad config value: {f.name}={value!r}; choose one of {', '.join(choices)}"
                 )
-        batch = self.batch_size("cpu")
-        if r.capacity < batch:
+        r, a, learner = self.replay, self.actor, self.learner
+        cross: list[tuple[bool, str]] = [
+            (
+                r.min_replay <= r.capacity,
+                f"min_replay={r.min_replay} must not exceed capacity={r.capacity}",
+            ),
+            (
+                a.eps_end <= a.eps_start,
+                f"need eps_end ({a.eps_end}) <= eps_start ({a.eps_start})",
+            ),
+            (
+                r.capacity >= self.batch_size("cpu"),
+                f"capacity={r.capacity} is below the batch size {self.batch_size('cpu')}; "
+                "raise --capacity",
+            ),
+            (
+                r.min_replay >= self.batch_size("cpu"),
+                f"min_replay={r.min_replay} is below the batch size "
+                f"{self.batch_size('cpu')}; raise --min-replay",
+            ),
+            (
+                self.num_shards() <= BOUNDS["shards"].hi,
+                f"{self.num_shards()} Redis URLs: at most {BOUNDS['shards'].hi:g} shards",
+            ),
+            (
+                r.capacity >= self.num_shards(),
+                f"capacity={r.capacity} is below the number of shards ({self.num_shards()})",
+            ),
+        ]
+        for ok, msg in cross:
+            if not ok:
+                raise ConfigError(f"bad config value: {msg}")
+        if not _DEVICE.fullmatch(learner.device):
             raise ConfigError(
-                f"bad config value: capacity={r.capacity} is below the batch size {batch}; raise --capacity"
+                f"bad config value: device={learner.device!r}; use auto, cpu, cuda or "
+                "cuda:N with N the GPU's index (0, 1, ...)"
             )
-        if r.min_replay < batch:
-            raise ConfigError(
-                f"bad config value: min_replay={r.min_replay} is below the batch size {batch}; raise --min-replay"
-            )
-        if r.capacity < self.num_shards():
-            raise ConfigError(
-                f"bad config value: capacity={r.capacity} is below the number of shards"
-            )
-        if not learner.device == "auto" and not (
-            learner.device == "cpu" or learner.device.startswith("cuda")
-        ):
-            raise ConfigError(
-                f"bad config value: device={learner.device!r}; use auto, cpu, cuda or cuda:N"
-            )
+        self._validate_paths()
+        self._validate_urls()
+        return self
+
+    def _validate_paths(self) -> None:
+        for name in PATH_FIELDS:
+            section = next(s for s, f in iter_fields() if f.name == name)
+            path = getattr(getattr(self, section), name)
+            bad = sorted({c for c in path if ord(c) < 32 or ord(c) == 127})
+            if name in CONF_PATH_FIELDS:
+                bad += sorted(_CONF_UNSAFE & set(path))
+                if bad:
+                    raise ConfigError(
+                        f"bad config value: {name}={path!r} contains "
+                        f"{', '.join(repr(c) for c in bad)}: the embedded redis-server's data "
+                        "directory (under --logdir unless --data-dir is set) is written into "
+                        "its redis.conf, where a newline, a quote or a backslash would end the "
+                        "value and start another directive. Choose a path without control "
+                        "characters, quotes or backslashes"
+                    )
+            elif bad:
+                raise ConfigError(
+                    f"bad config value: {name}={path!r} contains control characters "
+                    f"({', '.join(repr(c) for c in bad)}); choose a path without newlines, "
+                    "tabs or other control characters"
+                )
+
+    def _validate_urls(self) -> None:
         for url in self.redis_urls():
+            shown = redact_url(url)
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 raise ConfigError(
-                    f"bad config value: redis_url {url!r} must start with redis://, rediss:// or unix://"
+                    f"bad config value: redis_url {shown!r} must start with redis://, "
+                    "rediss:// or unix://"
                 )
-        return self
+            if REDACTED in url_secrets(url):
+                raise ConfigError(
+                    f"bad config value: redis_url {shown!r} holds a redacted password "
+                    f"({REDACTED}, as written into config.json and checkpoints); give the "
+                    f"real URL through ${REDIS_URL_ENV}, --redis-url-file or --redis-url"
+                )
+
+    def resolve_redis_url(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Fill ``replay.redis_url`` from ``--redis-url-file`` or ``$APEX_REDIS_URL``.
+
+        Precedence: ``redis_url`` (flag or config file) > ``redis_url_file`` >
+        ``$APEX_REDIS_URL`` > none (embedded redis-servers). The file is read
+        once, here. Returns warnings for the user (a file others can read, a
+        password on the command line is the caller's to warn about); raises
+        `ConfigError` for both a URL and a file, or an unreadable/empty file.
+        """
+        environ = os.environ if environ is None else environ
+        r = self.replay
+        warnings: list[str] = []
+        if r.redis_url and r.redis_url_file:
+            raise ConfigError(
+                "bad config value: both redis_url and redis_url_file are set; give one "
+                "(--redis-url-file keeps the password out of ps and shell history)"
+            )
+        if r.redis_url_file:
+            path = Path(r.redis_url_file).expanduser()
+            try:
+                mode = path.stat().st_mode
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"cannot read --redis-url-file {r.redis_url_file}: "
+                    f"{exc.strerror if isinstance(exc, OSError) else exc}; "
+                    "give a readable file holding one redis:// URL"
+                ) from None
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            if len(lines) != 1:
+                raise ConfigError(
+                    f"--redis-url-file {r.redis_url_file} holds {len(lines)} non-empty lines; "
+                    "it must hold exactly one line: the URL (comma-separate several shards)"
+                )
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                warnings.append(
+                    f"warning: {r.redis_url_file} (mode {stat.S_IMODE(mode):03o}) can be read "
+                    f"by other users and holds a password; chmod 600 {r.redis_url_file}"
+                )
+            r.redis_url = lines[0]
+        elif not r.redis_url and environ.get(REDIS_URL_ENV, "").strip():
+            r.redis_url = environ[REDIS_URL_ENV].strip()
+        return warnings
 
     def batch_size(self, device_type: str) -> int:
         if self.learner.batch_size > 0:
@@ -355,6 +546,12 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     raise ConfigError(f"config file {p}: unknown format; use .toml, .yaml or .yml")
 
 
+def parse_flag(text: str, typ: Any, name: str) -> Any:
+    """A flag's text as ``typ`` with the config file's rules (``--capacity 2e6``
+    is 2,000,000); raises `ConfigError`."""
+    return _coerce(text, typ, _flag(name))
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -392,6 +589,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _suggest(name: str, options: Any) -> str:

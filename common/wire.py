@@ -12,7 +12,12 @@ Two things cross the wire, and neither is ever pickled:
   holding a :class:`~common.types.TransitionBatch` that refers to frames by id.
 
 Anything malformed raises :class:`WireError` with a message saying what was
-wrong; callers on the replay side count and skip such payloads.
+wrong, and nothing else leaves this module's decoders (``FrameCodec.decode``,
+``decode_batch``, ``FrameCodec.set_dictionary``) for any input; callers on the
+replay side count and skip such payloads. Decoders bound what they allocate by
+what a valid payload needs (a frame: 7,056 bytes, whatever its header claims; a
+batch: the bytes it arrived in), so hostile bytes cannot exhaust memory
+(``tests/test_fuzz.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ _FRAME_TAG = _MAGIC | FRAME_VERSION
 CODEC_IDS: dict[str, int] = {"none": 0, "lz4": 1, "zstd": 2, "zstd-dict": 3}
 CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 ZSTD_LEVEL = 3
+# zstd frames of one 84x84 frame need a 7 KB window; refusing larger windows keeps a
+# crafted header from making the decoder allocate its default limit (128 MiB).
+ZSTD_MAX_WINDOW = 1 << 17
+MAX_DICTIONARY_BYTES = 1 << 20  # trained dictionaries are 32 KB
+# Batch messages: a map of a few short keys to ints and byte strings; no arrays.
+_BATCH_KEYS_MAX = 32
+_BATCH_KEY_LEN_MAX = 64
 
 # TransitionBatch fields -> little-endian dtype and per-row shape on the wire.
 _BATCH_FIELDS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -85,7 +97,15 @@ class FrameCodec:
         return self._dict_bytes
 
     def set_dictionary(self, dictionary: bytes) -> None:
-        """Install the zstd dictionary used by ``zstd-dict`` frames."""
+        """Install the zstd dictionary used by ``zstd-dict`` frames (bytes, at most
+        ``MAX_DICTIONARY_BYTES``); raises :class:`WireError` for anything else."""
+        if not isinstance(dictionary, bytes | bytearray | memoryview):
+            raise WireError(f"zstd dictionary must be bytes, got {type(dictionary).__name__}")
+        if not 8 <= len(dictionary) <= MAX_DICTIONARY_BYTES:
+            raise WireError(
+                f"zstd dictionary of {len(dictionary)} bytes; expected 8 to "
+                f"{MAX_DICTIONARY_BYTES} (trained dictionaries are 32 KB)"
+            )
         try:
             d = zstandard.ZstdCompressionDict(bytes(dictionary))
             d.precompute_compress(level=ZSTD_LEVEL)
@@ -114,7 +134,7 @@ class FrameCodec:
             if compress:
                 obj = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=d, write_checksum=False)
             else:
-                obj = zstandard.ZstdDecompressor(dict_data=d)
+                obj = zstandard.ZstdDecompressor(dict_data=d, max_window_size=ZSTD_MAX_WINDOW)
             ctx[key] = obj
         return obj
 
@@ -142,15 +162,21 @@ class FrameCodec:
         """m encoded frames -> uint8[m, 84, 84], a read-only view on one buffer
         (fancy-index it, or ``.copy()`` it, to get a writable array).
 
-        Fast path: all frames share one header (any codec); decompress each, then
-        one ``b"".join`` and one ``np.frombuffer``. Mixed codecs fall back to a
-        per-frame dispatch. Raises :class:`WireError` on any bad frame.
+        Fast path: all frames share one header (any codec); decompress each into at
+        most 7,056 bytes, check every frame's size, then one ``b"".join`` and one
+        ``np.frombuffer``. Mixed codecs fall back to a per-frame dispatch. Raises
+        :class:`WireError` on any bad frame (or a ``blobs`` that is no sequence).
         """
-        m = len(blobs)
+        try:
+            m = len(blobs)
+            first = blobs[0] if m else b""
+        except (TypeError, KeyError, IndexError):
+            raise WireError(
+                f"frames: expected a sequence of byte strings, got {type(blobs).__name__}"
+            ) from None
         if m == 0:
             return np.empty((0, *FRAME_SHAPE), np.uint8)
         try:
-            first = blobs[0]
             h = bytes(first[:2]) if len(first) >= 2 else b""
             if len(h) != 2 or h[0] != _FRAME_TAG:
                 raise _Mixed
@@ -158,12 +184,16 @@ class FrameCodec:
         except (_Mixed, TypeError):
             parts = [self._decode_one(b) for b in blobs]
         except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
-            raise WireError(f"corrupt {self.name} frame: {exc}") from None
+            raise WireError(f"corrupt {_codec_name(blobs[0])} frame: {exc}") from None
+        # Every path yields at most FRAME_BYTES per frame (lz4 is bounded, the zstd
+        # and none fast paths check exact sizes, the slow path checks each frame), so
+        # the right total means every frame is exact: 7,057 + 7,055 cannot pass.
         data = b"".join(parts)
         if len(data) != m * FRAME_BYTES:
+            bad = next(i for i, p in enumerate(parts) if len(p) != FRAME_BYTES)
             raise WireError(
-                f"decoded {len(data)} bytes for {m} frames, expected {m * FRAME_BYTES}: "
-                "a frame is truncated or not an 84x84 frame"
+                f"frame {bad} of {m} decodes to {len(parts[bad])} bytes, expected "
+                f"{FRAME_BYTES}: it is truncated or not an 84x84 frame"
             )
         return np.frombuffer(data, np.uint8).reshape(m, *FRAME_SHAPE)
 
@@ -171,8 +201,19 @@ class FrameCodec:
         if codec_id == 1:
             return lambda b: lz4.block.decompress(b, uncompressed_size=FRAME_BYTES)
         if codec_id in (2, 3):
-            dd = self._zstd(codec_id == 3, compress=False)
-            return lambda b: dd.decompress(b, max_output_size=FRAME_BYTES)
+            dd = self._zstd(codec_id == 3, compress=False).decompress
+            size_of = zstandard.frame_content_size
+
+            def zstd(b: memoryview) -> bytes:
+                # decompress() allocates whatever size the header claims: check it first
+                claimed = size_of(b)
+                if claimed != FRAME_BYTES and claimed != -1:
+                    raise WireError(
+                        f"zstd frame header claims {claimed} bytes, expected {FRAME_BYTES}"
+                    )
+                return dd(b, max_output_size=FRAME_BYTES, allow_extra_data=False)
+
+            return zstd
         if codec_id == 0:
             return bytes
         raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
@@ -182,10 +223,21 @@ class FrameCodec:
             if b[:2] != h:  # TypeError for None etc.: the caller takes the slow path
                 raise _Mixed
         if codec_id == 1:
-            d = lz4.block.decompress
+            d = lz4.block.decompress  # bounded: never more than FRAME_BYTES out
             return [d(memoryview(b)[2:], FRAME_BYTES) for b in blobs]
-        fn = self._decompressor(codec_id)
-        return [fn(memoryview(b)[2:]) for b in blobs]
+        if codec_id in (2, 3):
+            # zstd's decompress() allocates the size a frame's header claims: all
+            # must claim exactly one frame's bytes (else the checked slow path).
+            views = [memoryview(b)[2:] for b in blobs]
+            if set(map(zstandard.frame_content_size, views)) != {FRAME_BYTES}:
+                raise _Mixed
+            dd = self._zstd(codec_id == 3, compress=False).decompress
+            return [dd(v) for v in views]
+        if codec_id == 0:
+            if set(map(len, blobs)) != {FRAME_BYTES + 2}:
+                raise _Mixed  # the slow path names the frame of the wrong size
+            return [bytes(memoryview(b)[2:]) for b in blobs]
+        raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
 
     def _decode_one(self, blob: bytes) -> bytes:
         if not isinstance(blob, bytes | bytearray | memoryview) or len(blob) < 2:
@@ -212,6 +264,10 @@ class FrameCodec:
 
 class _Mixed(Exception):
     """Internal: a frame's header differs from the codec's own (take the slow path)."""
+
+
+def _codec_name(blob: bytes) -> str:
+    return CODEC_NAMES.get(blob[1], "unknown") if len(blob) >= 2 else "unknown"
 
 
 def _len(x: object) -> int:
@@ -272,16 +328,30 @@ def decode_batch(data: bytes) -> tuple[dict, TransitionBatch]:
     meta: {"v": int, "actor": int, "policy_version": int, "frame_ids": int64[m]}.
 
     The arrays are read-only views on ``data``. Raises :class:`WireError` for
-    anything but a well-formed batch of this version.
+    anything but a well-formed batch of this version; the msgpack reader is
+    limited to what such a batch holds (one map of at most 32 short keys, byte
+    strings no longer than ``data``, no arrays or extension types), so a crafted
+    message cannot make it build more than a few objects.
     """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"batch must be bytes, got {type(data).__name__}")
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        msg = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=_BATCH_KEY_LEN_MAX,
+            max_bin_len=len(data),
+            max_array_len=0,
+            max_map_len=_BATCH_KEYS_MAX,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
         raise WireError(f"batch is not valid msgpack ({len(data)} bytes): {exc}") from None
     if not isinstance(msg, dict):
         raise WireError(f"batch must be a msgpack map, got {type(msg).__name__}")
     v = msg.get("v")
-    if v != BATCH_VERSION:
+    if type(v) is not int or v != BATCH_VERSION:
         raise WireError(
             f"batch format version {v!r} is not supported (this build reads version "
             f"{BATCH_VERSION}); run actors and replay from the same release"
@@ -293,7 +363,7 @@ def decode_batch(data: bytes) -> tuple[dict, TransitionBatch]:
         ("actor", meta["actor"]),
         ("policy_version", meta["policy_version"]),
     ):
-        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+        if type(val) is not int or val < 0:
             raise WireError(f"batch field {key!r} must be a non-negative int, got {val!r}")
     fids = msg.get("frame_ids", b"")
     if not isinstance(fids, bytes) or len(fids) % 8:

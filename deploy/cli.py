@@ -11,7 +11,16 @@ import argparse
 import sys
 from typing import Any
 
-from common.config import Config, ConfigError, field_type, iter_fields
+from common.config import (
+    BOUNDS,
+    REDIS_URL_ENV,
+    Config,
+    ConfigError,
+    field_type,
+    iter_fields,
+    parse_flag,
+)
+from common.redact import url_secrets
 
 EXIT_USAGE = 2
 
@@ -44,15 +53,32 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         shown = "" if default == "" else f" (default: {default})"
+        bound = BOUNDS.get(f.name)
+        if bound is not None:
+            shown += f"; range {bound.describe()}".replace("%", "%%")
         groups[section].add_argument(
             _flag(f.name),
             dest=f"{section}.{f.name}",
-            type=typ,
+            type=_flag_type(typ, f.name),
             default=None,
             choices=f.metadata.get("choices"),
             metavar=f.name.upper(),
             help=f"{help_text}{shown}",
         )
+
+
+def _flag_type(typ: type, name: str) -> Any:
+    """argparse ``type=`` for a config field: the config file's parsing rules
+    (``--capacity 2e6`` is an int), errors as argparse errors (exit 2)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_flag(text, typ, name)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+    parse.__name__ = typ.__name__  # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an agent. With no flags: ALE/Pong-v5, local Ray, embedded "
         "redis-server, CUDA if available. Flags override --config FILE (TOML/YAML, "
         "sections [env] [replay] [actor] [learner] [run] holding the same names "
-        "with underscores). Ctrl-C stops cleanly and writes a final checkpoint.",
+        "with underscores). Ctrl-C stops cleanly and writes a final checkpoint. "
+        f"The replay's Redis URL: --redis-url, else --redis-url-file, else ${REDIS_URL_ENV} "
+        "(environment variable; keeps a password out of ps), else embedded redis-server(s). "
+        "Numbers must lie in the [range] shown with each flag.",
     )
     train.add_argument("--config", metavar="FILE", help="TOML or YAML config file")
     _add_config_flags(train)
@@ -92,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(
+    args: argparse.Namespace, warn: Any = lambda msg: print(msg, file=sys.stderr)
+) -> Config:
+    """Defaults < ``--config FILE`` < flags, the Redis URL resolved
+    (`Config.resolve_redis_url`), validated. ``warn`` gets one line per warning."""
     cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
@@ -101,6 +134,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
             overrides.setdefault(section, {})[name] = value
     for section, values in overrides.items():
         cfg.update(section, values, source="flags")
+    flag_url = overrides.get("replay", {}).get("redis_url", "")
+    if flag_url and url_secrets(flag_url):
+        warn(
+            "apex-dqn train: warning: the password in --redis-url is visible to every "
+            f"local user (ps, /proc); pass the URL in ${REDIS_URL_ENV} or --redis-url-file"
+        )
+    for msg in cfg.resolve_redis_url():
+        warn(f"apex-dqn train: {msg}")
     return cfg.validate()
 
 
@@ -133,12 +174,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from learner.checkpoint import CheckpointError
-    from learner.evaluate import evaluate
+    from learner.evaluate import MAX_PARALLEL, evaluate
 
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes={args.episodes} must be >= 1")
-    if not 0.0 <= args.epsilon <= 1.0:
+    if not 1 <= args.episodes <= 1_000_000:
+        raise ConfigError(f"--episodes={args.episodes} must be in [1, 1_000_000]")
+    if not 0.0 <= args.epsilon <= 1.0:  # NaN fails this too
         raise ConfigError(f"--epsilon={args.epsilon} must be in [0, 1]")
+    max_seed = int(BOUNDS["seed"].hi) - MAX_PARALLEL + 1
+    if not 0 <= args.seed <= max_seed:
+        raise ConfigError(
+            f"--seed={args.seed} must be in [0, {max_seed}] (ALE takes int32 seeds; "
+            "the parallel envs get seed + j)"
+        )
     try:
         result = evaluate(
             args.checkpoint,

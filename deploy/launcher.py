@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -83,7 +84,13 @@ def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
     from learner.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        return load_checkpoint(cfg.run.resume, expect_env=env_id, expect_actions=num_actions)
+        return load_checkpoint(
+            cfg.run.resume,
+            expect_env=env_id,
+            expect_actions=num_actions,
+            expect_dueling=cfg.learner.dueling,
+            expect_optimizer=cfg.learner.optimizer,
+        )
     except CheckpointError as exc:
         raise LaunchError(str(exc)) from None
 
@@ -161,7 +168,12 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
     try:
         url = getattr(ctx, "dashboard_url", None)
         if url:
-            out(f"[apex] Ray dashboard: http://{url}")
+            from deploy.dashboard import dashboard_lines, restrict_token_file
+
+            restrict_token_file()
+            # the token itself only to a terminal: never into a file, a pipe or a log
+            for line in dashboard_lines(url, tty=out is print and sys.stdout.isatty()):
+                out(line)
         cpus_total = ray.cluster_resources().get("CPU", 0)
         if address is not None and cpus_total < cfg.actor.actors:
             out(

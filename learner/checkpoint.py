@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -107,12 +108,18 @@ def load_checkpoint(
     path: str | os.PathLike,
     expect_env: str | None = None,
     expect_actions: int | None = None,
+    expect_dueling: bool | None = None,
+    expect_optimizer: str | None = None,
 ) -> dict[str, Any]:
     """Read and check a checkpoint (tensors on CPU); raises `CheckpointError`.
 
-    expect_env:     refuse a checkpoint of another game (ids compared after
-                    `common.env.resolve_env`, so ``pong`` matches ``ALE/Pong-v5``)
-    expect_actions: refuse a checkpoint with another action count
+    expect_env:       refuse a checkpoint of another game (ids compared after
+                      `common.env.resolve_env`, so ``pong`` matches ``ALE/Pong-v5``)
+    expect_actions:   refuse a checkpoint with another action count
+    expect_dueling:   refuse a checkpoint of the other head (dueling or plain);
+                      read from the model's weights, not from its config
+    expect_optimizer: refuse a checkpoint of another optimizer (``adam`` or
+                      ``rmsprop``); read from the optimizer state's hyperparameters
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -123,11 +130,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, unsafe globals, ...
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"the file is truncated, corrupt or not an apex-dqn checkpoint. Use an "
-            f"earlier checkpoint or start a new run without --resume."
-        ) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path} is not an apex-dqn checkpoint (no '{FORMAT}' marker); "
@@ -159,7 +162,67 @@ def load_checkpoint(
             f"the environment has {expect_actions}; check --full-action-space or start a "
             f"new run without --resume."
         )
+    if expect_dueling is not None:
+        dueling = is_dueling(state["model"])
+        if dueling != expect_dueling:
+            flag = "--dueling" if dueling else "--no-dueling"
+            raise CheckpointError(
+                f"checkpoint {path} has a {'dueling' if dueling else 'plain'} Q-network head "
+                f"but this run asks for a {'dueling' if expect_dueling else 'plain'} one; "
+                f"resume with {flag} (the architecture must match) or start a new run "
+                f"without --resume."
+            )
+    if expect_optimizer is not None:
+        used = optimizer_name(state["optimizer"])
+        if used is not None and used != expect_optimizer:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with --optimizer {used}, this run asks for "
+                f"{expect_optimizer}; resume with --optimizer {used} (its state cannot be "
+                f"converted) or start a new run without --resume."
+            )
     return state
+
+
+def is_dueling(model_state: dict[str, Any]) -> bool:
+    """Whether a `QNetwork` state dict has the dueling value/advantage head."""
+    return any(k.startswith("advantage.") for k in model_state)
+
+
+def optimizer_name(optimizer_state: dict[str, Any]) -> str | None:
+    """``adam`` or ``rmsprop`` from an optimizer state dict's hyperparameters
+    (Adam's groups hold ``betas``, RMSprop's ``alpha`` and ``centered``);
+    None when they say neither."""
+    groups = optimizer_state.get("param_groups") or [{}]
+    if "betas" in groups[0]:
+        return "adam"
+    if "centered" in groups[0]:
+        return "rmsprop"
+    return None
+
+
+def _unreadable(path: str, exc: Exception) -> str:
+    """The error for a file torch cannot load safely, without torch's advice to
+    retry with ``weights_only=False`` (that would run whatever code the file holds)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"checkpoint {path} holds Python objects other than tensors and plain values "
+            f"(it references {found.group(1)}): it was not written by apex-dqn, or was "
+            "altered. apex-dqn loads checkpoints with torch.load(weights_only=True) only and "
+            "never unpickles anything else, because loading such a file could run code it "
+            "carries. Use a checkpoint written by 'apex-dqn train' (an earlier one from the "
+            "same LOGDIR), or start a new run without --resume."
+        )
+    detail = text.partition("WeightsUnpickler error:")[2] or text
+    lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln]
+    first = lines[0].split(". ")[0][:200] if lines else ""
+    return (
+        f"checkpoint {path} is unreadable ({type(exc).__name__}"
+        f"{': ' + first if first else ''}); the file is truncated, corrupt or not an "
+        "apex-dqn checkpoint. Use an earlier checkpoint or start a new run without --resume."
+    )
 
 
 def _same_env(a: str, b: str) -> bool:

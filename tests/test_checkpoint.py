@@ -102,8 +102,9 @@ def test_corrupt_truncated_missing_and_pickled_refused(tmp_path) -> None:
         load_checkpoint(str(truncated))
     garbage = tmp_path / "g.pt"
     garbage.write_bytes(b"not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="unreadable") as err:
         load_checkpoint(str(garbage))
+    assert "weights_only" not in str(err.value)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "missing.pt"))
     plain = tmp_path / "plain.pt"
@@ -112,12 +113,57 @@ def test_corrupt_truncated_missing_and_pickled_refused(tmp_path) -> None:
         load_checkpoint(str(plain))
     pickled = tmp_path / "evil.pt"
     torch.save({"format": "apex-dqn-checkpoint", "x": Unsafe()}, pickled)
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors") as err:
         load_checkpoint(str(pickled))
+    msg = str(err.value)
+    # torch's own advice (re-run with weights_only=False) would run the file's code
+    assert "weights_only=False" not in msg and "Re-running" not in msg
+    assert "test_checkpoint.Unsafe" in msg and "Use a checkpoint written by" in msg
 
 
 class Unsafe:
     """A class weights_only loading must refuse to instantiate."""
+
+
+def test_other_architecture_and_optimizer_refused(tmp_path) -> None:
+    adam = save(trained(1, "adam"), str(tmp_path / "a.pt"))
+    with pytest.raises(CheckpointError, match=r"dueling Q-network head .* resume with --dueling"):
+        load_checkpoint(adam, expect_dueling=False)
+    with pytest.raises(CheckpointError, match=r"--optimizer adam, this run asks for rmsprop"):
+        load_checkpoint(adam, expect_optimizer="rmsprop")
+    assert load_checkpoint(adam, expect_dueling=True, expect_optimizer="adam")["updates"] == 1
+    plain = Learner(make_cfg(optimizer="rmsprop", dueling=False), 3, "cpu")
+    path = save(plain, str(tmp_path / "p.pt"))
+    with pytest.raises(CheckpointError, match=r"plain Q-network head .* resume with --no-dueling"):
+        load_checkpoint(path, expect_dueling=True)
+    with pytest.raises(CheckpointError, match=r"--optimizer rmsprop, this run asks for adam"):
+        load_checkpoint(path, expect_optimizer="adam")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--no-dueling"], "resume with --dueling"),
+        (["--optimizer", "rmsprop"], "resume with --optimizer adam"),
+        (["--env", "breakout"], "resume with --env ApexCatch-v0"),
+    ],
+)
+def test_cli_resume_mismatch_stops_before_ray(tmp_path, capsys, flags, fragment) -> None:
+    """Through `apex-dqn train --resume`: exit 2 with what to fix, before Ray,
+    Redis or any actor starts; the checkpoint is untouched."""
+    import ray
+
+    from deploy.cli import main
+
+    path = save(trained(1, "adam"), str(tmp_path / "c.pt"))
+    before = open(path, "rb").read()
+    argv = ["train", "--env", "ApexCatch-v0", "--resume", path, "--logdir", str(tmp_path / "r")]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "r" / "redis").exists()  # no embedded redis-server started
+    assert open(path, "rb").read() == before
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:

@@ -99,11 +99,14 @@ def test_malformed_batches_raise_wire_error():
     good = msgpack.unpackb(encode_batch(_batch(3), 1, 1), raw=False)
     cases = {
         "not valid msgpack": b"\xc1\x00garbage",
-        "must be a msgpack map": msgpack.packb([1, 2, 3]),
+        "must be a msgpack map": msgpack.packb(42),
+        "exceeds max_array_len": msgpack.packb([1, 2, 3]),  # batches hold no arrays
         "version 2 is not supported": msgpack.packb({**good, "v": 2}),
         "'n' must be a non-negative int": msgpack.packb({**good, "n": -1}),
         "'obs_ids' has 96 bytes, expected 128": msgpack.packb({**good, "n": 4}),
-        "'returns' must be bytes": msgpack.packb({**good, "returns": [1.0, 2.0, 3.0]}),
+        "'returns' must be bytes": msgpack.packb({**good, "returns": 1.5}),
+        "version True is not supported": msgpack.packb({**good, "v": True}),
+        "'n' must be a non-negative int, got 3.0": msgpack.packb({**good, "n": 3.0}),
         "'frame_ids' must be bytes": msgpack.packb({**good, "frame_ids": b"123"}),
     }
     for fragment, payload in cases.items():

@@ -1,0 +1,352 @@
+"""Fuzz every decoder of hostile bytes: random bytes, bit flips of real Pong frames
+and batches, truncations, and crafted headers (huge claimed sizes, wrong codec
+ids, misaligned lengths, msgpack bombs). Only `WireError` may come out; what
+decodes must be well-formed; no input makes a decoder allocate more than a valid
+payload needs.
+
+Adding cases: a `Target` is a name, the callable under test, the exception type
+that counts as a clean rejection, a check run on every value that decoded, and a
+case generator ``(rng, corpus) -> list[(kind, input)]``. Append a factory
+``(corpus) -> Target`` to `TARGETS` (e.g. the replay shard's ingest and reload,
+whose rejections are counted rather than raised); `test_fuzz_target` runs it and
+`test_fuzz_total` counts it toward the 10,000-case floor. The 10,512 cases here
+run in ~1 s on a 2-core machine, after ~7 s making the Pong frames (a session
+fixture other test files share).
+"""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+
+from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch
+from common.wire import (
+    CODEC_IDS,
+    FrameCodec,
+    WireError,
+    decode_batch,
+    encode_batch,
+    train_zstd_dictionary,
+)
+
+Case = tuple[str, Any]  # (kind of case, the input)
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@dataclass
+class Corpus:
+    """Real material to mutate: Pong frames, their encodings, real batches."""
+
+    frames: np.ndarray  # uint8[m, 84, 84]
+    dictionary: bytes
+    blobs: dict[str, list[bytes]]  # codec name -> encoded frames
+    batches: list[bytes]  # encode_batch outputs
+
+
+@dataclass
+class Target:
+    name: str
+    call: Callable[[Any], Any]
+    cases: Callable[[np.random.Generator, Corpus], list[Case]]
+    check: Callable[[Any, Any], None]  # (input, output) for inputs that decoded
+    rejection: type[Exception] = WireError
+
+
+# ---- mutations ----------------------------------------------------------------
+
+
+def flip_bits(rng: np.random.Generator, blob: bytes, max_flips: int = 8) -> bytes:
+    b = bytearray(blob)
+    for _ in range(int(rng.integers(1, max_flips + 1))):
+        i = int(rng.integers(0, len(b) * 8))
+        b[i // 8] ^= 1 << (i % 8)
+    return bytes(b)
+
+
+def random_bytes(rng: np.random.Generator, n: int) -> bytes:
+    return rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def mutate(rng: np.random.Generator, blob: bytes) -> tuple[str, bytes]:
+    """One of: bit flips, truncation, extension, a random byte run spliced in."""
+    kind = int(rng.integers(0, 4))
+    if kind == 0:
+        return "bitflip", flip_bits(rng, blob)
+    if kind == 1:
+        return "truncate", blob[: int(rng.integers(0, len(blob)))]
+    if kind == 2:
+        return "extend", blob + random_bytes(rng, int(rng.integers(1, 64)))
+    i = int(rng.integers(0, len(blob)))
+    return "splice", blob[:i] + random_bytes(rng, int(rng.integers(1, 16))) + blob[i + 1 :]
+
+
+def zstd_header(content_size: int | None, window_log: int = 10) -> bytes:
+    """A zstd frame header (RFC 8878 3.1.1.1) claiming ``content_size`` bytes
+    (None: unknown, with a window of 2**window_log), then one empty raw block."""
+    if content_size is None:
+        descriptor, window = 0x00, bytes([(window_log - 10) << 3])
+        fcs = b""
+    else:
+        descriptor, window = 0xE0, b""  # 8-byte content size, single segment
+        fcs = struct.pack("<Q", content_size)
+    return ZSTD_MAGIC + bytes([descriptor]) + window + fcs + b"\x01\x00\x00"
+
+
+# ---- frames -------------------------------------------------------------------
+
+
+def frame_cases(codec: str) -> Callable[[np.random.Generator, Corpus], list[Case]]:
+    def cases(rng: np.random.Generator, c: Corpus) -> list[Case]:
+        blobs = c.blobs[codec]
+        header = blobs[0][:2]
+        out: list[Case] = []
+        for _ in range(1200):  # mutations of real frames, alone or among good ones
+            kind, bad = mutate(rng, blobs[int(rng.integers(0, len(blobs)))])
+            if rng.random() < 0.5:
+                out.append((kind, [bad]))
+            else:
+                batch = [blobs[int(i)] for i in rng.integers(0, len(blobs), 5)]
+                batch[int(rng.integers(0, 5))] = bad
+                out.append((kind + "-in-batch", batch))
+        for _ in range(150):
+            out.append(("random", [random_bytes(rng, int(rng.integers(0, 300)))]))
+            out.append(("header+random", [header + random_bytes(rng, int(rng.integers(0, 300)))]))
+        for codec_id in range(256):  # every codec id under a valid tag
+            out.append(("codec-id", [bytes([header[0], codec_id]) + blobs[0][2:]]))
+        for tag in range(0, 256, 5):
+            out.append(("tag", [bytes([tag]) + blobs[0][1:]]))
+        raw = c.frames[0].tobytes()
+        plain = [bytes([header[0], CODEC_IDS["none"]]) + r for r in (raw + b"\0", raw[:-1])]
+        out.append(("misaligned-7057+7055", plain))
+        for size in (0, 1, FRAME_BYTES - 1, FRAME_BYTES + 1, 2**26, 2**40, 2**64 - 2):
+            out.append(("zstd-claims", [bytes([header[0], 2]) + zstd_header(size)]))
+            out.append(("zstd-dict-claims", [bytes([header[0], 3]) + zstd_header(size)]))
+        for wlog in (10, 17, 20, 27, 31):
+            out.append(("zstd-window", [bytes([header[0], 2]) + zstd_header(None, wlog)]))
+        out += [
+            ("not-bytes", [None]),
+            ("not-bytes", [blobs[0], 12345]),
+            ("not-bytes", ["a string frame"]),
+            ("not-bytes", [blobs[0], blobs[1], None]),
+            ("not-a-list", None),
+            ("not-a-list", 7),
+            ("not-a-list", {"a": 1}),
+            ("empty-frame", [b""]),
+            ("short-frame", [header]),
+            ("memoryview", [memoryview(blobs[0])]),
+            ("bytearray", [bytearray(blobs[1])]),
+        ]
+        return out
+
+    return cases
+
+
+def check_frames(inp: Any, out: Any) -> None:
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8
+    assert out.shape == (len(inp), *FRAME_SHAPE)
+
+
+def frame_target(codec: str) -> Callable[[Corpus], Target]:
+    def make(c: Corpus) -> Target:
+        reader = FrameCodec(codec, c.dictionary if codec == "zstd-dict" else None)
+        reader.set_dictionary(c.dictionary)  # reads zstd-dict frames whatever its own codec
+        return Target(
+            f"FrameCodec.decode[{codec}]", reader.decode, frame_cases(codec), check_frames
+        )
+
+    return make
+
+
+# ---- batches ------------------------------------------------------------------
+
+
+def batch_cases(rng: np.random.Generator, c: Corpus) -> list[Case]:
+    good = msgpack.unpackb(c.batches[0], raw=False)
+    out: list[Case] = []
+    for _ in range(2500):
+        out.append(mutate(rng, c.batches[int(rng.integers(0, len(c.batches)))]))
+    for _ in range(200):
+        out.append(("random", random_bytes(rng, int(rng.integers(0, 400)))))
+    weird: list[Any] = [
+        -1, 2**63, 2**64 - 1, True, 1.0, None, "3", b"\x00" * 8, {"n": 1}, float("nan")
+    ]  # fmt: skip
+    for key in ("v", "n", "actor", "policy_version", "frame_ids", "obs_ids", "returns"):
+        for value in weird:
+            out.append((f"field-{key}", msgpack.packb({**good, key: value})))
+        out.append((f"missing-{key}", msgpack.packb({k: v for k, v in good.items() if k != key})))
+    bombs = [
+        ("array-2^32", b"\xdd\xff\xff\xff\xff"),
+        ("map-2^32", b"\xdf\xff\xff\xff\xff"),
+        ("bin-2^32", b"\xc6\xff\xff\xff\xff" + b"x" * 16),
+        ("str-2^32", b"\xdb\xff\xff\xff\xff" + b"x" * 16),
+        ("ext-2^32", b"\xc9\xff\xff\xff\xff\x01" + b"x" * 16),
+        ("nested-arrays", b"\x91" * 100_000),
+        ("nested-maps", b"\x81\xa1a" * 30_000),
+        ("nils", b"\xdc\xff\xff" + b"\xc0" * 65_535),
+        ("many-keys", msgpack.packb({f"k{i}": i for i in range(1000)})),
+        ("long-key", msgpack.packb({"k" * 10_000: 1})),
+        ("int-keys", msgpack.packb({1: 2})),
+        ("bad-utf8-key", b"\x81\xa2\xff\xfe\x01"),
+        ("ext-type", msgpack.packb(msgpack.ExtType(5, b"abc"))),
+        ("timestamp", msgpack.packb({**good, "v": msgpack.Timestamp(1, 0)})),
+    ]
+    out += bombs
+    n = good["n"]
+    for claimed in (0, n - 1, n + 1, 2**31, 2**62):  # lengths that disagree with n
+        out.append(("n-mismatch", msgpack.packb({**good, "n": claimed})))
+    out += [("not-bytes", x) for x in (None, 5, "text", [1, 2], {"v": 1})]
+    out.append(("memoryview", memoryview(c.batches[0])))
+    return out
+
+
+def check_batch(inp: Any, out: Any) -> None:
+    meta, batch = out
+    assert isinstance(batch, TransitionBatch)
+    batch.validate()
+    assert meta["frame_ids"].dtype == np.int64 and meta["frame_ids"].ndim == 1
+
+
+def batch_target(c: Corpus) -> Target:
+    return Target("decode_batch", decode_batch, batch_cases, check_batch)
+
+
+# ---- dictionaries (loaded from the replay's Redis, so untrusted too) -----------
+
+
+def dictionary_cases(rng: np.random.Generator, c: Corpus) -> list[Case]:
+    out: list[Case] = [mutate(rng, c.dictionary) for _ in range(300)]
+    out += [("random", random_bytes(rng, int(rng.integers(0, 2000)))) for _ in range(50)]
+    out += [("not-bytes", x) for x in (None, 3, "dict")]
+    out.append(("huge", b"\x37\xa4\x30\xec" + b"\0" * (2 << 20)))
+    return out
+
+
+def dictionary_target(c: Corpus) -> Target:
+    frames = FrameCodec("zstd-dict", c.dictionary).encode(c.frames[:4])
+
+    def install_and_decode(d: Any) -> np.ndarray:
+        codec = FrameCodec("lz4")
+        codec.set_dictionary(d)
+        return codec.decode(frames)  # a wrong dictionary must fail as WireError too
+
+    def check(_: Any, out: Any) -> None:
+        check_frames(frames, out)
+
+    return Target("set_dictionary+decode", install_and_decode, dictionary_cases, check)
+
+
+TARGETS: list[Callable[[Corpus], Target]] = [
+    *(frame_target(name) for name in CODEC_IDS),
+    batch_target,
+    dictionary_target,
+]
+TARGET_IDS = [f"frames-{n}" for n in CODEC_IDS] + ["batch", "dictionary"]
+
+
+@pytest.fixture(scope="module")
+def corpus(pong_frames) -> Corpus:
+    dictionary = train_zstd_dictionary(pong_frames[:400])
+    frames = pong_frames[400:]
+    blobs = {name: FrameCodec(name, dictionary).encode(frames[:200]) for name in CODEC_IDS}
+    rng = np.random.default_rng(7)
+    batches = []
+    for n in (1, 5, 40):
+        batch = TransitionBatch(
+            obs_ids=rng.integers(0, 2**50, (n, 4)),
+            next_obs_ids=rng.integers(0, 2**50, (n, 4)),
+            actions=rng.integers(0, 6, n),
+            returns=rng.normal(size=n).astype(np.float32),
+            discounts=np.full(n, 0.97, np.float32),
+            priorities=rng.random(n).astype(np.float32) + 0.1,
+        )
+        fids = np.arange(n, dtype=np.int64) + (5 << 40)
+        batches.append(encode_batch(batch, actor=2, policy_version=9, frame_ids=fids))
+    return Corpus(frames, dictionary, blobs, batches)
+
+
+def run_target(target: Target, cases: list[Case]) -> Counter:
+    """Every case once; anything but a clean rejection fails with the case named."""
+    seen: Counter = Counter()
+    for kind, inp in cases:
+        try:
+            out = target.call(inp)
+        except target.rejection:
+            seen["rejected"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(
+                f"{target.name}: {kind} case raised {type(exc).__name__}: {exc} "
+                f"(input {str(inp)[:200]})"
+            )
+        target.check(inp, out)
+        seen["decoded"] += 1
+    return seen
+
+
+@pytest.mark.parametrize("make", TARGETS, ids=TARGET_IDS)
+def test_fuzz_target(make, corpus):
+    target = make(corpus)
+    cases = target.cases(np.random.default_rng(zlib.crc32(target.name.encode())), corpus)
+    seen = run_target(target, cases)
+    assert seen["rejected"] > 0 and seen["decoded"] > 0, seen  # both paths exercised
+
+
+def test_fuzz_total(corpus):
+    total = sum(len(make(corpus).cases(np.random.default_rng(0), corpus)) for make in TARGETS)
+    assert total >= 10_000, total
+
+
+# ---- the issue's findings, named --------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["zstd", "zstd-dict"])
+def test_zstd_header_claiming_a_huge_size_allocates_nothing(codec, corpus):
+    reader = FrameCodec(codec, corpus.dictionary)
+    good = reader.encode(corpus.frames[:1])[0]
+    for claimed in (2**26, 2**40):
+        crafted = good[:2] + zstd_header(claimed)
+        tracemalloc.start()
+        try:
+            with pytest.raises(WireError, match=f"claims {claimed} bytes"):
+                reader.decode([crafted])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak  # main allocated the claimed 64 MiB before failing
+
+
+def test_frames_of_7057_and_7055_bytes_are_refused(corpus):
+    raw = corpus.frames[0].tobytes()
+    for codec in ("none", "zstd"):
+        c = FrameCodec(codec)
+        if codec == "none":
+            pair = [c.encode(corpus.frames[:1])[0] + b"\0", c.encode(corpus.frames[:1])[0][:-1]]
+        else:  # zstd frames whose headers honestly claim 7,057 and 7,055 bytes
+            import zstandard
+
+            z = zstandard.ZstdCompressor(level=3)
+            head = c.encode(corpus.frames[:1])[0][:2]
+            pair = [head + z.compress(raw + b"\0"), head + z.compress(raw[:-1])]
+        with pytest.raises(WireError, match="decodes to|claims"):
+            c.decode(pair)
+
+
+def test_msgpack_bomb_builds_nothing_big():
+    bomb = b"\xdc\xff\xff" + b"\xc0" * 65_535  # an array of 65,535 nils: 0.5 MB of list
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="max_array_len"):
+            decode_batch(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(bomb), peak
