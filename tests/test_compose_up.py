@@ -20,7 +20,9 @@ ignored) runs through the tests below in order:
 3. `docker-compose restart redis` mid-run: updates keep growing;
 4. `docker-compose stop`: every container exits 0, ray-head's log ends with
    the summary naming the final checkpoint, that checkpoint loads and matches
-   the summary, and no file of the run holds the password.
+   the summary, and no file of the run holds the password;
+5. `up` again with --max-seconds 20: the run ends by itself, ray-head exits 0,
+   the workers follow it and exit 0, redis keeps running.
 
 Teardown removes the project's containers, volumes, network and image tag
 (`down -v`, `rmi --no-prune`: the layers stay as build cache) and fails if any
@@ -394,9 +396,12 @@ def test_compose_metrics_healthchecks_and_no_password_in_argv(stack: Stack):
 def test_compose_survives_redis_restart(stack: Stack):
     keys = stack.redis_keys()
     before = stack.updates()
+    started = stack.inspect(stack.containers("redis")[0])["State"]["StartedAt"]
     t0 = time.monotonic()
     try:
         stack.compose("restart", "redis", timeout=120)
+        restarted = stack.inspect(stack.containers("redis")[0])["State"]["StartedAt"]
+        assert restarted != started, "docker-compose restart did not restart redis"
         since = str(int(time.time()))
         _wait_for(lambda: stack.redis_keys() > 0, 60, "redis to answer after its restart")
         after = stack.redis_keys()
@@ -453,3 +458,33 @@ def test_compose_stop_exits_zero_with_final_checkpoint(stack: Stack):
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and secret in p.read_bytes()
     ]
     assert not holding, f"files of the run hold the Redis password: {holding}"
+
+
+def test_compose_run_that_ends_by_itself_exits_zero(stack: Stack):
+    """A run that reaches its limit: the driver exits 0 with its summary, the
+    workers follow their head (Ray gives up on a lost GCS after 60 s) and exit
+    0 too; Redis keeps running with the replay."""
+    stack.env["APEX_TRAIN_ARGS"] = TRAIN_ARGS.replace("--max-seconds 1500", "--max-seconds 20")
+    t0 = time.monotonic()
+    stack.compose("up", "-d", "--scale", f"ray-worker={WORKERS}", timeout=600)
+
+    def exited(cid: str) -> dict | None:
+        state = stack.inspect(cid)["State"]
+        return None if state["Running"] or state["Status"] != "exited" else state
+
+    head = _wait_for(
+        lambda: exited(stack.head()), 400, "ray-head to end its run (--max-seconds 20)"
+    )
+    log = stack.logs(stack.head())
+    assert head["ExitCode"] == 0, f"ray-head exited {head['ExitCode']}:\n{log[-4000:]}"
+    done = re.findall(r"^\[apex\] done: (\{.*\})$", log, flags=re.M)
+    assert done and json.loads(done[-1])["stop_reason"] == "max_seconds=20 reached", log[-3000:]
+    for cid in stack.containers("ray-worker"):
+        state = _wait_for(lambda cid=cid: exited(cid), 240, "a ray-worker to follow its head")
+        wlog = stack.logs(cid)
+        assert state["ExitCode"] == 0, f"a ray-worker exited {state['ExitCode']}:\n{wlog[-3000:]}"
+        assert "the Ray head is gone" in wlog, wlog[-3000:]
+    stack.timings["run_end_to_workers_exited_s"] = time.monotonic() - t0
+    (redis,) = stack.containers("redis")
+    assert stack.inspect(redis)["State"]["Running"], "redis should keep the replay running"
+    assert stack.redis_keys() > 0

@@ -252,6 +252,15 @@ def bash_script(service: dict) -> str:
     return argv[2]
 
 
+def head_steps(service: dict) -> tuple[str, str]:
+    """ray-head's script as (its `ray start --head ...`, its `exec apex-dqn ...`)."""
+    script = bash_script(service)
+    start = re.search(r"(ray start --head [^;&]*?) && break;", script)
+    driver = re.search(r"(exec apex-dqn .*)$", script)
+    assert start and driver, f"ray-head's script changed shape; update head_steps: {script}"
+    return start.group(1), driver.group(1)
+
+
 def bash_argv(command: str, env: dict[str, str]) -> list[str]:
     """The argv bash builds from `command` (variables expanded, words split)."""
     res = subprocess.run(
@@ -369,7 +378,7 @@ def test_compose_file_wiring():
     assert redis["environment"]["REDISCLI_AUTH"] == TEST_PASSWORD, "the healthcheck's redis-cli"
 
     head = svc["ray-head"]
-    head_start, driver = bash_script(head).split("&&")
+    head_start, driver = head_steps(head)
     head_argv = shlex.split(head_start)
     assert head_argv[:3] == ["ray", "start", "--head"]
     assert flag_value(head_argv, "--num-cpus") == "0", "head must have --num-cpus=0"
@@ -388,7 +397,7 @@ def test_compose_file_wiring():
     worker_argv = shlex.split(m.group(1))
     assert "--block" in worker_argv
     assert flag_value(worker_argv, "--address") == f"ray-head:{head_port}"
-    assert f"/dev/tcp/ray-head/{head_port}" in bash_script(worker), "waits for the head's GCS"
+    assert "http://ray-head:8265/api/gcs_healthz" in bash_script(worker), "waits for the head"
 
     for name, argv in (("ray-head", head_argv), ("ray-worker", worker_argv)):
         s = svc[name]
@@ -419,7 +428,8 @@ def test_compose_stops_driver_first_within_grace():
     # A failed driver is not restarted (a config error would loop; a crash would
     # start a new run over the old logdir); Redis retries a bounded number of times.
     assert head["restart"] == "no"
-    assert re.fullmatch(r"on-failure:\d+", redis["restart"]), redis["restart"]
+    for s in (redis, worker):
+        assert re.fullmatch(r"on-failure:\d+", s["restart"]), s["restart"]
 
 
 def test_compose_commands_hold_no_password():
@@ -449,7 +459,7 @@ def test_compose_driver_command_parses(monkeypatch):
     head = load_compose(
         {"APEX_TRAIN_ARGS": "--envs-per-actor 8 --max-frames 1000", "APEX_ENV": "ALE/Breakout-v5"}
     )["services"]["ray-head"]
-    driver = bash_script(head).split("&&")[1].strip()
+    driver = head_steps(head)[1]
     assert driver.startswith("exec ")
     env = {k: str(v) for k, v in head["environment"].items()}
     argv = bash_argv(driver.removeprefix("exec "), env)
