@@ -14,17 +14,18 @@
    the next frame id; the NEXT_STEP ``reset`` rows start a new stack and yield
    no transition.
 4. n-step (`actors.nstep`) on clipped rewards; raw returns go to the episode log.
-5. every ``push_every`` steps, encode + push all new frames and transitions in one
-   round trip (`replay_server.writer.ReplayWriter`). When the replay is
-   unreachable the data stays in a bounded local buffer (``local_buffer``
-   transitions, oldest dropped and counted) and the push is retried with
-   exponential backoff while the envs keep running.
-6. every ``weight_poll_steps`` steps, a non-blocking weight poll.
+5. every ``push_every`` steps, push all new frames and transitions in one round
+   trip through the `actors.outbox.ReplayOutbox`, which keeps them (bounded by
+   ``local_buffer`` transitions, oldest dropped and counted) and retries with
+   backoff while the replay is unavailable, the envs running on; after a push,
+   wait (bounded) while ahead of the learner's insert budget.
+6. every ``weight_poll_steps`` steps, and after each push, a non-blocking weight
+   poll.
 
-Frame ids: the actor counts frames locally and turns the counters into global ids
-``make_frame_id(incarnation, counter)`` at push time, so a replay that is down
-when the actor starts does not stop it from acting. A restart (Ray reruns the
-constructor) gets a new writer, hence a new incarnation and fresh ids.
+Frame ids: the actor counts frames locally; the outbox turns the counters into
+global ids ``make_frame_id(incarnation, counter)`` at push time, so a replay that
+is down when the actor starts does not stop it from acting. A restart (Ray reruns
+the constructor) gets a new writer, hence a new incarnation and fresh ids.
 """
 
 from __future__ import annotations
@@ -33,31 +34,65 @@ import logging
 import threading
 import time
 import warnings
-from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis
 import torch
 
 from actors.exploration import Exploration, epsilon_greedy
 from actors.nstep import NStepAccumulator, PendingTransitions
+from actors.outbox import ReplayOutbox
 from actors.policy import ActingNetwork
 from actors.stacks import FrameStacker
 from common.config import Config
 from common.env import make_vector_env
-from common.types import COUNTER_BITS, FRAME_SHAPE, TransitionBatch
+from common.types import TransitionBatch
 from common.weights import WeightSubscriber
-from replay_server.redis_proc import ReplayUnavailable
-from replay_server.writer import ReplayWriter
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.25
-BACKOFF_MAX_S = 10.0
-THROTTLE_POLL_S = 0.05
-THROTTLE_MAX_S = 5.0
-_REPLAY_ERRORS = (ReplayUnavailable, redis.ConnectionError, redis.TimeoutError, OSError)
+
+@dataclass
+class ActorStats:
+    """What `ApexActor.stats` reports (counters since this process started).
+
+    frames / env_steps / vector_steps: emulator frames (frame skip counted for ALE),
+        env steps (all E envs), vector steps
+    transitions_pushed / _dropped / _buffered: acknowledged by Redis / dropped from
+        the full outage buffer / waiting in it (`actors.outbox.OutboxStats`)
+    pushes / pushes_failed / replay_resets / replay_ok: see `OutboxStats`
+    weight_version: the policy version acting now; epsilon_min / _max: this actor's
+    schedule_frames: where a decaying epsilon schedule stands (restarts included)
+    episode_returns / episode_lengths: raw returns and lengths (steps) of the
+        episodes finished since the last ``stats(reset_episodes=True)``
+    time: seconds spent in env, inference, other, encode, push, throttle
+    incarnation: the writer's (None before the first connection); restarted: Ray
+        reran the constructor; seed_salt: mixed into the seeds after a restart
+    """
+
+    actor: int
+    frames: int
+    env_steps: int
+    vector_steps: int
+    transitions_pushed: int
+    transitions_dropped: int
+    transitions_buffered: int
+    pushes: int
+    pushes_failed: int
+    replay_resets: int
+    replay_ok: bool
+    weight_version: int
+    epsilon_min: float
+    epsilon_max: float
+    schedule_frames: int
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    time: dict[str, float]
+    incarnation: int | None
+    restarted: bool
+    seed_salt: int
+    inference_dtype: str
 
 
 def _was_reconstructed() -> bool:
@@ -112,25 +147,20 @@ class ApexActor:
         self._started = False
         self._counter = 0  # frames produced by this incarnation
         self._pending: PendingTransitions | None = None
-        self._out_frames: deque[tuple[np.ndarray, np.ndarray]] = deque()  # (counters, frames)
-        self._out_trans: deque[TransitionBatch] = deque()  # ids still local counters
-        self._buffered = 0
-        self._retry_at = 0.0
-        self._backoff = BACKOFF_START_S
-        self._failing_since: float | None = None
-        self._n = {"vector_steps": 0, "pushed": 0, "dropped": 0, "push_failed": 0, "pushes": 0}
-        # seconds: env stepping, forward passes, batch assembly, writer.push (frame
-        # compression + msgpack + the round trip), other (stacks, n-step, epsilon)
-        self._time = {
-            "env": 0.0, "inference": 0.0, "encode": 0.0, "push": 0.0, "throttle": 0.0, "other": 0.0,
-        }  # fmt: skip
-        self._writer: ReplayWriter | None = None
-        self._try_connect()
+        self._n = {"vector_steps": 0}
+        # seconds: env stepping, forward passes, other (stacks, n-step, epsilon);
+        # the outbox adds encode (batch assembly), push (compression + msgpack +
+        # the round trip) and throttle (waiting for the insert budget)
+        self._time = {"env": 0.0, "inference": 0.0, "other": 0.0}
+        self._outbox = ReplayOutbox(
+            replay_url, cfg.replay.codec, a.local_buffer, actor_index, refs=self._held_ids
+        )
+        self._outbox.connect()
         # Seeds: (run seed, actor index, restart salt). Ray exposes no restart count,
         # so a restarted actor salts with its writer incarnation (unique per start).
         salt = 0
         if self.restarted:
-            salt = self._writer.incarnation if self._writer else int(time.time_ns() % 2**31)
+            salt = self._outbox.incarnation or int(time.time_ns() % 2**31)
         self.seed_salt = salt
         env_seed, act_seed, torch_seed = np.random.SeedSequence(
             [cfg.run.seed, actor_index, salt]
@@ -164,7 +194,7 @@ class ApexActor:
         max_steps: int | None = None,
         stop_after_seconds: float | None = None,
         schedule_frames: int | None = None,
-    ) -> dict:
+    ) -> ActorStats:
         """Step the envs until ``stop()``, ``max_steps`` vector steps or the time limit.
 
         schedule_frames: env frames this actor index has produced before, over
@@ -215,7 +245,7 @@ class ApexActor:
                 self._time["env"] += t2 - t1
                 self._time["other"] += (t1 - t_inf) + (t3 - t2)
             if steps % a.push_every == 0:
-                self._flush()
+                self._push()
             if self._subscriber is not None and (
                 steps % a.weight_poll_steps == 0 or steps % a.push_every == 0
             ):
@@ -225,44 +255,45 @@ class ApexActor:
             self._queue(self._pending.complete(self._infer()))
             self._time["inference"] += time.perf_counter() - t0
         self._pending = None
-        self._flush(force=True)
+        self._push(force=True)
         return self.stats(reset_episodes=False)
 
     def stop(self) -> None:
         """Make ``run`` return after its current step (thread-safe)."""
         self._stop.set()
 
-    def stats(self, reset_episodes: bool = True) -> dict:
+    def stats(self, reset_episodes: bool = True) -> ActorStats:
         """Counters since start; episodes (raw returns, lengths in steps) since the last call."""
+        box = self._outbox.stats()
         with self._lock:
             episodes = list(self._episodes)
             if reset_episodes:
                 self._episodes.clear()
-            n = dict(self._n)
-            env_steps = n["vector_steps"] * self.num_envs
-            return {
-                "actor": self.index,
-                "frames": self.frame_skip * env_steps,
-                "env_steps": env_steps,
-                "vector_steps": n["vector_steps"],
-                "transitions_pushed": n["pushed"],
-                "transitions_dropped": n["dropped"],
-                "transitions_buffered": self._buffered,
-                "pushes": n["pushes"],
-                "pushes_failed": n["push_failed"],
-                "replay_ok": self._failing_since is None,
-                "weight_version": self.policy_version,
-                "epsilon_min": float(np.min(self._eps)),
-                "epsilon_max": float(np.max(self._eps)),
-                "schedule_frames": self._schedule_offset + self.frame_skip * env_steps,
-                "episode_returns": [r for r, _ in episodes],
-                "episode_lengths": [n_ for _, n_ in episodes],
-                "time": dict(self._time),
-                "incarnation": self._writer.incarnation if self._writer else None,
-                "restarted": self.restarted,
-                "seed_salt": self.seed_salt,
-                "inference_dtype": self._policy.dtype,
-            }
+            env_steps = self._n["vector_steps"] * self.num_envs
+            return ActorStats(
+                actor=self.index,
+                frames=self.frame_skip * env_steps,
+                env_steps=env_steps,
+                vector_steps=self._n["vector_steps"],
+                transitions_pushed=box.pushed,
+                transitions_dropped=box.dropped,
+                transitions_buffered=box.buffered,
+                pushes=box.pushes,
+                pushes_failed=box.push_failed,
+                replay_resets=box.resets,
+                replay_ok=box.replay_ok,
+                weight_version=self.policy_version,
+                epsilon_min=float(np.min(self._eps)),
+                epsilon_max=float(np.max(self._eps)),
+                schedule_frames=self._schedule_offset + self.frame_skip * env_steps,
+                episode_returns=[r for r, _ in episodes],
+                episode_lengths=[n_ for _, n_ in episodes],
+                time={**self._time, **self._outbox.time},
+                incarnation=box.incarnation,
+                restarted=self.restarted,
+                seed_salt=self.seed_salt,
+                inference_dtype=self._policy.dtype,
+            )
 
     def schedule_frames(self) -> int:
         """Where the exploration schedule stands: frames of earlier incarnations
@@ -275,8 +306,7 @@ class ApexActor:
     def current_stacks(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the stacks the network sees next: uint8[E, 4, 84, 84] and their
         frame ids int64[E, 4] (local counters until the first replay connection)."""
-        base = np.int64(self._writer.incarnation) << np.int64(COUNTER_BITS) if self._writer else 0
-        return self._stacker.obs.copy(), self._stacker.ids | base
+        return self._stacker.obs.copy(), self._stacker.ids | self._outbox.base()
 
     def epsilons(self) -> list[float]:
         """This actor's current per-env exploration rates."""
@@ -289,8 +319,7 @@ class ApexActor:
 
     def close(self) -> None:
         self._env.close()
-        if self._writer is not None:
-            self._writer.close()
+        self._outbox.close()
 
     # ---- stepping helpers --------------------------------------------------
     def _start_episodes(self) -> None:
@@ -303,7 +332,7 @@ class ApexActor:
         """Give the E new frames their local counters and queue them for pushing."""
         counters = np.arange(self._counter, self._counter + len(frames), dtype=np.int64)
         self._counter += len(frames)
-        self._out_frames.append((counters, frames.copy()))
+        self._outbox.add_frames(counters, frames)
         return counters
 
     def _infer(self) -> np.ndarray:
@@ -338,147 +367,17 @@ class ApexActor:
 
     # ---- replay side -------------------------------------------------------
     def _queue(self, batch: TransitionBatch) -> None:
-        if len(batch):
-            self._out_trans.append(batch)
-            self._buffered += len(batch)
+        self._outbox.add(batch)
 
-    def _try_connect(self) -> bool:
-        if self._writer is not None:
-            return True
-        try:
-            self._writer = ReplayWriter(self.replay_url, codec=self.cfg.replay.codec)
-        except _REPLAY_ERRORS as exc:
-            self._note_failure(exc)
-            return False
-        return True
-
-    def _note_failure(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._n["push_failed"] += 1
-            first = self._failing_since is None
-            if first:
-                self._failing_since = now
-        self._retry_at = now + self._backoff
-        if first or self._backoff >= BACKOFF_MAX_S:
-            log.warning(
-                "actor %d: replay unreachable (%s); buffering up to %d transitions locally, "
-                "retrying in %.2fs (%d buffered, %d dropped so far)",
-                self.index, exc, self.cfg.actor.local_buffer, self._backoff,
-                self._buffered, self._n["dropped"],
-            )  # fmt: skip
-        self._backoff = min(2 * self._backoff, BACKOFF_MAX_S)
-
-    def _flush(self, force: bool = False) -> None:
-        """Push everything queued in one round trip, or keep it (bounded) for a retry."""
-        if not self._out_trans:
-            return
-        if time.monotonic() < self._retry_at and not force:
-            self._bound_buffer()
-            return
-        if not self._try_connect():
-            self._bound_buffer()
-            return
-        t0 = time.perf_counter()
-        base = np.int64(self._writer.incarnation) << np.int64(COUNTER_BITS)
-        if self._out_frames:
-            counters = np.concatenate([c for c, _ in self._out_frames])
-            frames = np.concatenate([f for _, f in self._out_frames])
-        else:
-            counters, frames = np.zeros(0, np.int64), np.zeros((0, *FRAME_SHAPE), np.uint8)
-        batch = TransitionBatch.concat(list(self._out_trans))
-        batch.obs_ids = batch.obs_ids | base
-        batch.next_obs_ids = batch.next_obs_ids | base
-        t1 = time.perf_counter()
-        try:
-            allowance = self._writer.push(
-                counters | base, frames, batch, self.index, self.policy_version
-            )
-        except _REPLAY_ERRORS as exc:
-            self._time["encode"] += t1 - t0
-            self._time["push"] += time.perf_counter() - t1
-            self._note_failure(exc)
-            self._bound_buffer()
-            return
-        t2 = time.perf_counter()
-        if self._failing_since is not None:
-            log.warning(
-                "actor %d: replay reachable again after %.1fs; pushed %d buffered transitions",
-                self.index, time.monotonic() - self._failing_since, len(batch),
-            )  # fmt: skip
-        self._out_frames.clear()
-        self._out_trans.clear()
-        with self._lock:
-            self._time["encode"] += t1 - t0
-            self._time["push"] += t2 - t1
-            self._n["pushed"] += len(batch)
-            self._n["pushes"] += 1
-            self._buffered = 0
-            self._failing_since = None
-        self._backoff = BACKOFF_START_S
-        self._retry_at = 0.0
-        self._throttle(*allowance)
-
-    def _throttle(self, pushed: int, budget: int | None) -> None:
-        """Wait while this shard's writers are ahead of the learner's insert budget.
-
-        The learner keeps ``budget`` near ``sampled / samples_per_insert`` plus a
-        tolerance (Reverb's SampleToInsertRatio, insert side), so adding actors
-        does not change the replay ratio. The wait is bounded by
-        ``THROTTLE_MAX_S`` per push, so a stalled learner never stops the actors
-        for good, and ``stop()`` ends it at once.
-        """
-        if budget is None or pushed <= budget:
-            return
-        t0 = time.perf_counter()
-        deadline = time.monotonic() + THROTTLE_MAX_S
-        while pushed > budget and not self._stop.is_set() and time.monotonic() < deadline:
-            self._stop.wait(THROTTLE_POLL_S)
-            if self._subscriber is not None:
-                self._poll_weights()  # a waiting actor still takes the newest weights
-            try:
-                pushed, budget = self._writer.allowance()
-            except _REPLAY_ERRORS:
-                break
-            if budget is None:
-                break
-        with self._lock:
-            self._time["throttle"] += time.perf_counter() - t0
-
-    def _bound_buffer(self) -> None:
-        """Drop the oldest transitions beyond ``local_buffer``, then the frames nobody needs."""
-        limit = self.cfg.actor.local_buffer
-        dropped = 0
-        while self._buffered - dropped > limit:
-            oldest = self._out_trans[0]
-            excess = self._buffered - dropped - limit
-            if len(oldest) <= excess:
-                self._out_trans.popleft()
-                dropped += len(oldest)
-            else:
-                self._out_trans[0] = _slice(oldest, excess)
-                dropped += excess
-        if dropped:
-            with self._lock:
-                self._n["dropped"] += dropped
-                self._buffered -= dropped
-        # Frames older than every id still referenced (buffered transitions, n-step
-        # windows, pending transitions, current stacks) can never be needed again.
-        refs = [self._stacker.ids.reshape(-1), self._nstep.held_ids()]
-        refs += [t.obs_ids.reshape(-1) for t in self._out_trans]
+    def _held_ids(self) -> list[np.ndarray]:
+        """Frame ids (local counters) a future transition may still refer to."""
+        refs = [self._stacker.ids, self._nstep.held_ids()]
         if self._pending is not None:
-            refs.append(self._pending.obs_ids.reshape(-1))
-        oldest_needed = min(int(r.min()) for r in refs if r.size)
-        while self._out_frames and self._out_frames[0][0][-1] < oldest_needed:
-            self._out_frames.popleft()
+            refs.append(self._pending.obs_ids)
+        return refs
 
-
-def _slice(batch: TransitionBatch, start: int) -> TransitionBatch:
-    return TransitionBatch(
-        obs_ids=batch.obs_ids[start:],
-        next_obs_ids=batch.next_obs_ids[start:],
-        actions=batch.actions[start:],
-        returns=batch.returns[start:],
-        discounts=batch.discounts[start:],
-        priorities=batch.priorities[start:],
-    )
+    def _push(self, force: bool = False) -> None:
+        allowance = self._outbox.flush(self.policy_version, force=force)
+        if allowance is not None:
+            poll = self._poll_weights if self._subscriber is not None else None
+            self._outbox.throttle(allowance, self._stop, poll)

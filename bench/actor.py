@@ -75,9 +75,9 @@ def main() -> None:
         actor.close()
     base_after = raw_env_steps_per_s(cfg, args.envs, args.seconds / 2)
     baseline = (base_before + base_after) / 2
-    steps = s1["env_steps"] - s0["env_steps"]
+    steps = s1.env_steps - s0.env_steps
     actor_rate = steps / wall
-    times = {k: s1["time"][k] - s0["time"][k] for k in s1["time"]}
+    times = {k: s1.time[k] - s0.time[k] for k in s1.time}
     print(
         json.dumps(
             {
@@ -85,14 +85,14 @@ def main() -> None:
                 "game": args.game,
                 "envs": args.envs,
                 "codec": args.codec,
-                "inference_dtype": s1["inference_dtype"],
+                "inference_dtype": s1.inference_dtype,
                 "actor_ratio": round(actor_rate / baseline, 3),
                 "goal": 0.5,
                 "actor_env_steps_per_s": round(actor_rate, 1),
                 "baseline_env_steps_per_s": round(baseline, 1),
                 "baseline_before_after": [round(base_before, 1), round(base_after, 1)],
-                "transitions_pushed": s1["transitions_pushed"] - s0["transitions_pushed"],
-                "pushes_failed": s1["pushes_failed"],
+                "transitions_pushed": s1.transitions_pushed - s0.transitions_pushed,
+                "pushes_failed": s1.pushes_failed,
                 "breakdown": {k: round(v / wall, 3) for k, v in times.items()},
                 "seconds": round(wall, 2),
                 "cores": 1,

@@ -183,14 +183,14 @@ def main() -> None:
         writer = ReplayWriter(server.url, args.codec)
         actor = SyntheticActor(writer.incarnation, num_envs=args.envs, frame_pool=pool)
         frames_pushed = 0
-        while shard.stats()["size"] < args.transitions:
+        while shard.stats().size < args.transitions:
             fids, frames, batch = actor.push(args.steps)
             writer.push(fids, frames, batch, 0, 0)
             frames_pushed += len(fids)
             shard.ingest()
         shard.snapshot()
         used = int(client.info("memory")["used_memory"])
-        size = shard.stats()["size"]
+        size = shard.stats().size
         bpt = (used - base) / size
         frame_b = res["codecs"][args.codec]["bytes_per_frame"]
         res["bytes_per_transition"] = round(bpt, 1)
@@ -214,15 +214,13 @@ def main() -> None:
         got = sum(len(sampler.sample(args.batch, 0.4)) for _ in range(args.sample_batches))
         ours = got / (time.perf_counter() - t)  # batches are dropped at once, as a learner does
         # Baseline: the same batches from a numpy ring of raw frames (one core).
-        draws = [shard.sample(args.batch, 0.4) for _ in range(args.sample_batches)]
+        draws = [shard.sample(args.batch) for _ in range(args.sample_batches)]
         all_ids = np.unique(
-            np.concatenate(
-                [np.concatenate([d["obs_ids"], d["next_obs_ids"]]).ravel() for d in draws]
-            )
+            np.concatenate([np.concatenate([d.obs_ids, d.next_obs_ids]).ravel() for d in draws])
         )
         ring = pool[np.arange(all_ids.size) % len(pool)].copy()  # uncompressed frames in RAM
         idx = [
-            (np.searchsorted(all_ids, d["obs_ids"]), np.searchsorted(all_ids, d["next_obs_ids"]))
+            (np.searchsorted(all_ids, d.obs_ids), np.searchsorted(all_ids, d.next_obs_ids))
             for d in draws
         ]
         t = time.perf_counter()
@@ -268,7 +266,7 @@ def main() -> None:
         drain = time.perf_counter() - t_end
         stop.set()
         th.join()
-        stored = shard.stats()["inserted_total"]
+        stored = shard.stats().inserted_total
         ours_ins = stored / (secs + drain)
         client.flushall()
         raw_n, raw_secs = run_writers(

@@ -100,6 +100,11 @@ class ReplayConfig:
     loader_workers: int = _f(2, "parallel sampling/decoding workers feeding the learner")
     prefetch: int = _f(4, "batches queued ahead of the learner")
     data_dir: str = _f("", "directory for embedded redis-server data (default: LOGDIR/redis)")
+    replay_reset: bool = _f(
+        False,
+        "delete the replay the shards' Redis holds (this namespace only) and start an "
+        "empty one; without it a replay made with other settings stops the run",
+    )
 
 
 @dataclass
@@ -143,6 +148,9 @@ class LearnerConfig:
     double: bool = _f(True, "double-DQN target (van Hasselt et al. 2016)")
     publish_seconds: float = _f(1.0, "seconds of training between weight broadcasts")
     checkpoint_minutes: float = _f(5.0, "minutes between checkpoints (also written at exit)")
+    keep_checkpoints: int = _f(
+        3, "checkpoints kept (LOGDIR/checkpoint-<updates>.pt; checkpoint.pt is the newest)"
+    )
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
@@ -156,7 +164,11 @@ class RunConfig:
         0,
         "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
     )
-    resume: str = _f("", "checkpoint file to continue from (counters, optimizer and schedules)")
+    resume: str = _f(
+        "",
+        "checkpoint to continue from: its run's settings, logdir and replay, counters, "
+        "optimizer and schedules (flags given with it still apply)",
+    )
     summary_json: str = _f("", "write a JSON summary of the run here at exit")
     ray_address: str = _f(
         "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
@@ -232,7 +244,7 @@ BOUNDS: dict[str, Bound] = {
     "samples_per_insert": Bound(
         0.01,
         10_000,
-        "sampled/inserted ratio; outside it the rate limiter's tolerance overflows",
+        "sampled/inserted ratio; below 0.01 use 0 (no limit) instead",
         special=((0, "unlimited"),),
     ),
     "loader_workers": Bound(1, 64, "sampling threads in the driver process"),
@@ -269,6 +281,7 @@ BOUNDS: dict[str, Bound] = {
         "minutes between checkpoints: more often than every 3 s slows training; at most a week",
     ),
     "torch_threads": Bound(0, 1024, "CPU threads", special=((0, "torch's default"),)),
+    "keep_checkpoints": Bound(1, 1000, "checkpoints kept on disk, ~20 MB each"),
     # [run]
     "max_seconds": Bound(0, 31_536_000, "at most a year", special=((0, "no limit"),)),
     "max_frames": Bound(

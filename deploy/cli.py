@@ -14,15 +14,18 @@ from typing import Any
 from common.config import (
     BOUNDS,
     REDIS_URL_ENV,
+    SECTIONS,
     Config,
     ConfigError,
     field_type,
     iter_fields,
+    load_file,
     parse_flag,
 )
 from common.redact import url_secrets
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 def _flag(name: str) -> str:
@@ -124,14 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(
     args: argparse.Namespace, warn: Any = lambda msg: print(msg, file=sys.stderr)
 ) -> Config:
-    """Defaults < ``--config FILE`` < flags, the Redis URL resolved
-    (`Config.resolve_redis_url`), validated. ``warn`` gets one line per warning."""
-    cfg = Config.from_file(args.config) if getattr(args, "config", None) else Config()
+    """Defaults < the resumed checkpoint's settings < ``--config FILE`` < flags; the
+    Redis URL resolved (`Config.resolve_redis_url`); validated. ``warn`` gets one
+    line per warning.
+
+    With ``--resume CKPT`` the run continues with the settings it was started
+    with (game, replay, logdir: the checkpoint's directory), so ``--resume`` alone
+    continues it; flags and a config file given with it still win. The
+    checkpoint holds the Redis URL without its password: give it again.
+    """
+    file_data = load_file(args.config) if getattr(args, "config", None) else {}
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
+    resume = overrides.get("run", {}).get("resume") or file_data.get("run", {}).get("resume")
+    cfg = _resumed_config(resume) if resume else Config()
+    for section, values in file_data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            Config.from_dict({section: values}, source=str(args.config))  # raises the error
+        cfg.update(section, values, source=str(args.config))
     for section, values in overrides.items():
         cfg.update(section, values, source="flags")
     flag_url = overrides.get("replay", {}).get("redis_url", "")
@@ -145,6 +161,24 @@ def config_from_args(
     return cfg.validate()
 
 
+def _resumed_config(path: str) -> Config:
+    """The settings of the run that wrote checkpoint ``path``."""
+    from pathlib import Path
+
+    from learner.checkpoint import CheckpointError, checkpoint_config
+
+    try:
+        stored = checkpoint_config(path)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg = Config.from_dict(stored, source=f"checkpoint {path}")
+    cfg.run.resume = path
+    cfg.run.logdir = str(Path(path).resolve().parent)  # the run lives where its checkpoints are
+    if "***" in cfg.replay.redis_url:  # stored without its password: give it again
+        cfg.replay.redis_url = ""
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -154,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
-            from deploy.launcher import LaunchError, train
+            from deploy.launcher import LaunchError, RunError, train
+            from learner.loop import NonFiniteLoss
 
             try:
                 train(cfg)
             except LaunchError as exc:
                 print(f"apex-dqn train: error: {exc}", file=sys.stderr)
                 return EXIT_USAGE
+            except (RunError, NonFiniteLoss) as exc:
+                print(f"apex-dqn train: error: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             return 0
         if args.command == "evaluate":
             return _evaluate(args)

@@ -13,7 +13,7 @@ if [ ! -s "$state/redis-url" ]; then
     echo "[cluster-train] $state/redis-url is missing: run deploy/start-redis.sh on the head first (cluster.yaml's head_start_ray_commands do)" >&2
     exit 1
 fi
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # as the cluster yamls start Ray
 APEX_REDIS_URL=$(cat "$state/redis-url")
 export APEX_REDIS_URL
 # APEX_DQN: the command to run (word-split on purpose), e.g. "python -m deploy.cli".

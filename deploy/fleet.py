@@ -5,7 +5,10 @@ The role classes (`actors.actor.ApexActor`, `replay_server.shard.ReplayShard`,
 actors with clear names (they show in the Ray dashboard under these names):
 
   apex-weights        WeightStore, num_cpus=0, on the driver's node
-  apex-replay-<k>     ReplayShard k, num_cpus=0, on the driver's node
+  apex-replay-<k>     ReplayShard k, num_cpus=0, on the driver's node,
+                      max_restarts=-1: a crash or kill -9 restarts it, and the new
+                      process reloads its index from Redis and resumes ingesting
+                      by itself (``autostart``); samplers and writers reconnect
   apex-actor-<i>      ApexActor i, num_cpus=1, max_restarts=-1 (a crash or kill -9
                       restarts it with the same index, hence the same epsilons,
                       and a decaying epsilon schedule goes on where it was)
@@ -13,11 +16,16 @@ actors with clear names (they show in the Ray dashboard under these names):
 `ActorFleet.poll()` collects stats from every actor without blocking for long,
 notices restarted actors (their ``run`` call fails with ActorDiedError or returns
 early) and calls ``run`` again, and keeps cumulative counters across restarts.
+An actor whose constructor fails (bad settings, an env that cannot start), or
+whose ``run`` keeps failing without progress, stops the run with `FleetError`
+instead of being retried forever. `ReplayFleet` does the same bookkeeping for
+the shards (restarts are noticed by a new process id).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,19 +33,24 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.actor import ActorStats
 from common.config import Config
+from replay_server.namespace import ReplayIdentity
+from replay_server.protocol import ShardStats
+from replay_server.remote import RemoteShard
 
 log = logging.getLogger("apex.fleet")
 
-# our counter name -> the actor's stats() key
-COUNTERS = {
-    "frames": "frames",
-    "env_steps": "env_steps",
-    "transitions": "transitions_pushed",
-    "dropped": "transitions_dropped",
-    "push_failures": "pushes_failed",
-}
+# ActorStats counters that restart from 0 in a restarted actor process; the
+# fleet adds what earlier processes had counted.
+CUMULATIVE = ("frames", "env_steps", "transitions_pushed", "transitions_dropped", "pushes_failed")
 WEIGHTS_NAME = "apex-weights"
+MAX_RUN_FAILURES = 3  # consecutive failed ``run`` calls without a frame of progress
+
+
+class FleetError(RuntimeError):
+    """A role cannot run (its constructor fails, or it keeps failing); the message
+    names the actor and the cause."""
 
 
 def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
@@ -60,18 +73,122 @@ def start_weight_store() -> Any:
     return cls.options(name=WEIGHTS_NAME, scheduling_strategy=driver_node_strategy()).remote()
 
 
-def start_shards(cfg: Config, urls: list[str], capacity_per_shard: int) -> list[Any]:
-    from replay_server.shard import ReplayShard
+def _cause(exc: BaseException) -> str:
+    """The last line of a Ray error's traceback text, without terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
-    cls = ray.remote(num_cpus=0, max_concurrency=8)(ReplayShard)
-    handles = []
-    for k, url in enumerate(urls):
-        h = cls.options(name=f"apex-replay-{k}", scheduling_strategy=driver_node_strategy()).remote(
-            url, capacity_per_shard, alpha=cfg.replay.alpha, codec=cfg.replay.codec
-        )
-        handles.append(h)
-    ray.get([h.start.remote() for h in handles])
-    return handles
+
+class ReplayFleet:
+    """The ``apex-replay-<k>`` shard actors and what the driver needs of them.
+
+    ``shards`` are `RemoteShard` views for the sampler; `stats` answers with the
+    last known `ShardStats` of a shard that does not answer in time (restarting,
+    busy) and counts restarts (a new pid).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        urls: list[str],
+        capacity_per_shard: int,
+        identity: ReplayIdentity,
+        stats_timeout: float = 2.0,
+    ) -> None:
+        from replay_server.shard import ReplayShard
+
+        cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1)(ReplayShard)
+        self.handles = [
+            cls.options(name=f"apex-replay-{k}", scheduling_strategy=driver_node_strategy()).remote(
+                url,
+                capacity_per_shard,
+                alpha=cfg.replay.alpha,
+                codec=cfg.replay.codec,
+                identity=identity,
+                autostart=True,
+            )
+            for k, url in enumerate(urls)
+        ]
+        self.shards = [RemoteShard(h) for h in self.handles]
+        self.stats_timeout = stats_timeout
+        self.restarts = 0
+        self._last: list[ShardStats | None] = [None] * len(urls)
+        self._first: list[ShardStats | None] = [None] * len(urls)
+        first = self.stats(timeout=60.0)  # the constructors ran (or raised)
+        if any(s is None for s in first):
+            raise FleetError("a replay shard did not start within 60 s")
+
+    def stats(self, timeout: float | None = None) -> list[ShardStats | None]:
+        """Every shard's newest stats (the last known ones where a shard is slow)."""
+        refs = [h.stats.remote() for h in self.handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout or self.stats_timeout)
+        done = set(ready)
+        for k, ref in enumerate(refs):
+            if ref not in done:
+                continue
+            try:
+                st = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if exc.actor_init_failed:
+                    raise FleetError(f"replay shard {k} cannot start: {_cause(exc)}") from None
+                continue
+            prev = self._last[k]
+            if prev is not None and (st.pid, st.started_at) != (prev.pid, prev.started_at):
+                self.restarts += 1
+                log.warning("replay shard %d was restarted (pid %d -> %d)", k, prev.pid, st.pid)
+            self._last[k] = st
+            if self._first[k] is None:
+                self._first[k] = st
+        return list(self._last)
+
+    def baseline(self) -> list[ShardStats | None]:
+        """The first stats of each shard in this run (for per-run differences)."""
+        return list(self._first)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until each shard has ingested what writers queued."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                left = ray.get([h.queued.remote() for h in self.handles], timeout=timeout)
+            except (ray.exceptions.RayError, TimeoutError):
+                return
+            if not any(left):
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for k, h in enumerate(self.handles):
+            try:
+                ray.get(h.stop.remote(), timeout=30)
+            except ray.exceptions.RayError as exc:
+                log.warning("replay shard %d did not stop cleanly: %s", k, _cause(exc))
+
+
+@dataclass
+class FleetStats:
+    """What `ActorFleet.poll` returns: run totals and the episodes since the last poll.
+
+    frames, env_steps, transitions_pushed, transitions_dropped, pushes_failed:
+        this run's totals over all actor processes (restarted ones included)
+    episodes: (raw return, length) finished since the previous poll
+    episodes_total, epsilon_min, epsilon_max, actor_weight_versions,
+    actor_restarts, replay_resets (writers that registered again)
+    """
+
+    frames: int = 0
+    env_steps: int = 0
+    transitions_pushed: int = 0
+    transitions_dropped: int = 0
+    pushes_failed: int = 0
+    episodes: list[tuple[float, int]] = field(default_factory=list)
+    episodes_total: int = 0
+    epsilon_min: float = float("nan")
+    epsilon_max: float = float("nan")
+    actor_weight_versions: list[int] = field(default_factory=list)
+    actor_restarts: int = 0
+    writer_resets: int = 0
 
 
 @dataclass
@@ -79,9 +196,12 @@ class _ActorState:
     index: int
     handle: Any
     run_ref: Any = None
-    last: dict = field(default_factory=dict)
-    base: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    last: ActorStats | None = None
+    base: dict = field(default_factory=lambda: dict.fromkeys(CUMULATIVE, 0))
+    resets_base: int = 0
     restarts: int = 0
+    run_failures: int = 0
+    frames_at_failure: int = -1
     stats_ref: Any = None
 
 
@@ -114,8 +234,10 @@ class ActorFleet:
         self.episodes_total = 0
         self.eps_range = (float("nan"), float("nan"))
 
-    def poll(self, timeout: float = 2.0) -> dict:
-        """Aggregate stats; restart ``run`` on actors whose loop ended."""
+    def poll(self, timeout: float = 2.0) -> FleetStats:
+        """Aggregate stats; restart ``run`` on actors whose loop ended.
+
+        Raises `FleetError` when an actor cannot start or keeps failing."""
         for a in self.actors:
             if a.stats_ref is None:
                 a.stats_ref = a.handle.stats.remote()
@@ -133,24 +255,24 @@ class ActorFleet:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 continue
             episodes += self._absorb(a, s)
-            if "epsilon_min" in s:
-                eps_lo.append(s["epsilon_min"])
-                eps_hi.append(s["epsilon_max"])
+            eps_lo.append(s.epsilon_min)
+            eps_hi.append(s.epsilon_max)
         self._rerun_finished()
-        totals = self._totals()
         self.episodes_total += len(episodes)
         if eps_lo:
             self.eps_range = (min(eps_lo), max(eps_hi))
-        versions = [a.last.get("weight_version", -1) for a in self.actors if a.last]
-        return {
-            **totals,
-            "episodes": episodes,
-            "episodes_total": self.episodes_total,
-            "epsilon_min": self.eps_range[0],
-            "epsilon_max": self.eps_range[1],
-            "actor_weight_versions": versions,
-            "actor_restarts": sum(a.restarts for a in self.actors),
-        }
+        return FleetStats(
+            **self._totals(),
+            episodes=episodes,
+            episodes_total=self.episodes_total,
+            epsilon_min=self.eps_range[0],
+            epsilon_max=self.eps_range[1],
+            actor_weight_versions=[a.last.weight_version for a in self.actors if a.last],
+            actor_restarts=sum(a.restarts for a in self.actors),
+            writer_resets=sum(
+                a.resets_base + (a.last.replay_resets if a.last else 0) for a in self.actors
+            ),
+        )
 
     def _rerun_finished(self) -> None:
         refs = [a.run_ref for a in self.actors]
@@ -162,18 +284,37 @@ class ActorFleet:
             try:
                 ray.get(a.run_ref)
                 reason = "its run loop returned"
-            except ray.exceptions.RayError as exc:
-                reason = type(exc).__name__
+            except ray.exceptions.RayActorError as exc:
+                if exc.actor_init_failed:  # Ray does not restart a failed constructor
+                    raise FleetError(
+                        f"actor {a.index} cannot start: {_cause(exc)}; check the game id, "
+                        "the seed and the env settings"
+                    ) from None
+                reason = type(exc).__name__  # the process died; Ray restarts it
+            except ray.exceptions.RayError as exc:  # run() raised: a bug or a broken env
+                self._note_run_failure(a, exc)
+                reason = f"run failed: {_cause(exc)}"
             a.restarts += 1
             log.warning("actor %d: %s; calling run again (restart %d)", a.index, reason, a.restarts)
             # The schedule goes on from this index's frames so far (the actor's
             # own counters start again at 0 when its process was restarted).
             a.run_ref = a.handle.run.remote(schedule_frames=self._schedule_frames(a))
 
-    def _schedule_frames(self, a: _ActorState) -> int:
-        return self.start_frames_each + a.base["frames"] + int(a.last.get("frames", 0))
+    def _note_run_failure(self, a: _ActorState, exc: BaseException) -> None:
+        frames = a.base["frames"] + (a.last.frames if a.last else 0)
+        if frames > a.frames_at_failure:
+            a.run_failures, a.frames_at_failure = 0, frames
+        a.run_failures += 1
+        if a.run_failures >= MAX_RUN_FAILURES:
+            raise FleetError(
+                f"actor {a.index} failed {a.run_failures} times in a row without progress: "
+                f"{_cause(exc)}"
+            )
 
-    def stop(self, timeout: float = 20.0) -> dict:
+    def _schedule_frames(self, a: _ActorState) -> int:
+        return self.start_frames_each + a.base["frames"] + (a.last.frames if a.last else 0)
+
+    def stop(self, timeout: float = 20.0) -> FleetStats:
         """Ask every actor to stop, collect final stats, then kill the actors."""
         for a in self.actors:
             try:
@@ -191,7 +332,7 @@ class ActorFleet:
             ray.kill(a.handle, no_restart=True)
         return final
 
-    def _final_poll(self) -> dict:
+    def _final_poll(self) -> FleetStats:
         for a in self.actors:
             a.run_ref = None  # no reruns while stopping
         refs = {a.index: a.handle.stats.remote() for a in self.actors}
@@ -205,19 +346,25 @@ class ActorFleet:
                     continue
                 episodes += self._absorb(a, s)
         self.episodes_total += len(episodes)
-        return {**self._totals(), "episodes": episodes, "episodes_total": self.episodes_total}
+        return FleetStats(
+            **self._totals(),
+            episodes=episodes,
+            episodes_total=self.episodes_total,
+            actor_restarts=sum(a.restarts for a in self.actors),
+        )
 
     @staticmethod
-    def _absorb(a: _ActorState, s: dict) -> list[tuple[float, int]]:
+    def _absorb(a: _ActorState, s: ActorStats) -> list[tuple[float, int]]:
         """Take one stats answer; returns the episodes it reports."""
-        if a.last and s.get("frames", 0) < a.last.get("frames", 0):
-            for ours, theirs in COUNTERS.items():  # the actor restarted: counters began again
-                a.base[ours] += a.last.get(theirs, 0)
+        if a.last is not None and s.frames < a.last.frames:
+            for name in CUMULATIVE:  # the actor restarted: its counters began again
+                a.base[name] += getattr(a.last, name)
+            a.resets_base += a.last.replay_resets
         a.last = s
-        return list(zip(s.get("episode_returns", []), s.get("episode_lengths", []), strict=False))
+        return list(zip(s.episode_returns, s.episode_lengths, strict=False))
 
-    def _totals(self) -> dict:
+    def _totals(self) -> dict[str, int]:
         return {
-            ours: sum(a.base[ours] + a.last.get(theirs, 0) for a in self.actors)
-            for ours, theirs in COUNTERS.items()
+            name: sum(a.base[name] + (getattr(a.last, name) if a.last else 0) for a in self.actors)
+            for name in CUMULATIVE
         }

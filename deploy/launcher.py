@@ -2,17 +2,28 @@
 
 `train(cfg)` steps:
   1. resolve the game (unknown ids fail here, before anything starts), read the
-     action count, pick the logdir, load and check the resume checkpoint;
-  2. Ray: connect to ``--ray-address`` or start a local Ray;
-  3. Redis: check the ``--redis-url`` shard(s) (before Ray starts), or start one
-     embedded redis-server per shard with its data under LOGDIR/redis;
-  4. start the named Ray actors (weights store, replay shards, env actors;
-     see `deploy.fleet`);
-  5. run the learner's `TrainLoop` in this process (the driver takes the GPU when
-     its node has one), fed by a prefetching sampler over the replay shards;
-  6. on the time/frame limit, Ctrl-C or SIGTERM: stop the actors, write the final
-     checkpoint and the summary JSON, stop the shards (they snapshot their
-     index), shut down local Ray and the embedded redis-server(s).
+     action count, load and check the resume checkpoint, pick the logdir;
+  2. Redis: check the ``--redis-url`` shard(s), or start one embedded
+     redis-server per shard with its data under LOGDIR/redis, supervised by
+     `RedisSupervisor` (a server that dies is restarted on its AOF);
+  3. the replay namespaces: each shard's Redis must hold nothing, or a replay
+     this run can continue (same game, codec, n-step, gamma, capacity); anything
+     else stops the run here (exit 2) naming ``--replay-reset``, which deletes it;
+  4. Ray: connect to ``--ray-address`` or start a local Ray;
+  5. `_run`: the named Ray actors (weights store, replay shards, env actors;
+     `deploy.fleet`) and the learner's `TrainLoop` in this process (the driver
+     takes the GPU when its node has one), fed by the replay's prefetching
+     sampler; `RunMonitor` polls the roles for the loop;
+  6. on the time/frame limit, Ctrl-C, SIGTERM, or a role that cannot run: stop
+     the actors, let the shards ingest what was pushed, write the final
+     checkpoint and the summary JSON (with what every fault cost, see
+     `RunMonitor.summary`), stop the shards (they snapshot their index), shut
+     down local Ray and the embedded redis-server(s).
+
+Faults during the run are the roles' own business (see the README's Failures
+table): actors buffer while the replay is unavailable, shards wait and
+reconcile, the sampler waits, Ray restarts dead actors and shards, the
+supervisor restarts dead embedded redis-servers.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +46,22 @@ from common.env import UnknownEnvError, make_vector_env, resolve_env
 
 log = logging.getLogger("apex.launcher")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Redis memory per stored transition, by codec, for the embedded server's
+# maxmemory: the 80-byte record, ~70 B of key overhead per frame, and a frame
+# (about one new frame per transition) compressed at most this large on the
+# Atari games measured (MsPacman lz4 ~1.8 KB; incompressible: 7,058 B).
+FRAME_BYTES_BOUND = {"none": 7_100, "lz4": 3_000, "zstd": 2_500, "zstd-dict": 2_000}
+MAXMEMORY_HEADROOM = 1.5
+MAXMEMORY_RAM_SHARE = 0.75
 
 
 class LaunchError(RuntimeError):
     """User-facing start-up failure: the message says what is wrong and what to do."""
+
+
+class RunError(RuntimeError):
+    """The run could not go on (a role cannot start or keeps failing, or training
+    diverged); the message says why. The last good checkpoint is kept."""
 
 
 def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
@@ -55,26 +79,37 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
     logdir = Path(
         cfg.run.logdir or f"runs/{spec.game.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    resume_state = _load_resume(cfg, spec.env_id, num_actions)
     logdir.mkdir(parents=True, exist_ok=True)
     cfg.run.logdir = str(logdir)
-    resume_state = _load_resume(cfg, spec.env_id, num_actions)
     (logdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     out(
         f"[apex] {spec.env_id} ({num_actions} actions, sticky {spec.sticky}), "
         f"{cfg.actor.actors} actors x {cfg.actor.envs_per_actor} envs, logdir {logdir}"
     )
+    from replay_server.namespace import ReplayIdentity
 
+    identity = ReplayIdentity(
+        env_id=spec.env_id,
+        num_actions=num_actions,
+        codec=cfg.replay.codec,
+        n_step=cfg.actor.n_step,
+        gamma=cfg.actor.gamma,
+    )
     _check_redis_urls(cfg)
     stop = threading.Event()
     with ExitStack() as stack:
+        backend = stack.enter_context(_redis(cfg, logdir, out))
+        _check_namespaces(cfg, backend.urls, identity, out)
         stack.enter_context(_ray(cfg, out))
-        urls = stack.enter_context(_redis(cfg, logdir, out))
         stack.enter_context(_signals(stop, out))
-        summary = _run(cfg, urls, num_actions, resume_state, logdir, stop, out)
+        summary = _run(cfg, backend, identity, resume_state, logdir, stop, out)
     if cfg.run.summary_json:
         Path(cfg.run.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.run.summary_json).write_text(json.dumps(summary, indent=2))
     out(f"[apex] done: {json.dumps(summary)}")
+    if summary.get("error"):
+        raise RunError(summary["error"])
     return summary
 
 
@@ -96,7 +131,8 @@ def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
 
 
 def _check_redis_urls(cfg: Config) -> None:
-    """Fail fast, before Ray starts, on a --redis-url nobody answers at."""
+    """Fail fast, before anything starts, on a --redis-url nobody answers at. (Once
+    the run is going, an unavailable Redis is waited for, not fatal.)"""
     from replay_server.redis_proc import ReplayUnavailable, connect
 
     for url in cfg.redis_urls():
@@ -106,37 +142,118 @@ def _check_redis_urls(cfg: Config) -> None:
             raise LaunchError(str(exc)) from None
 
 
+def capacity_per_shard(cfg: Config) -> int:
+    return max(1, cfg.replay.capacity // cfg.num_shards())
+
+
+def embedded_maxmemory(cfg: Config, total_ram: int | None = None) -> int:
+    """maxmemory (bytes) of each embedded redis-server: the replay's worst case
+    with headroom, at most a share of this machine's memory (then a full replay
+    is an ``OOM`` the roles wait out, not the kernel's OOM killer)."""
+    per_transition = 80 + 70 + FRAME_BYTES_BOUND.get(cfg.replay.codec, 7_100)
+    want = int(capacity_per_shard(cfg) * per_transition * MAXMEMORY_HEADROOM) + (64 << 20)
+    if total_ram is None:
+        try:
+            total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total_ram = 0
+    if total_ram:
+        want = min(want, int(MAXMEMORY_RAM_SHARE * total_ram / cfg.num_shards()))
+    return max(want, 64 << 20)
+
+
+@dataclass
+class ReplayBackend:
+    """The shards' Redis: their URLs (secrets: never print them, see `redact`), and
+    for embedded servers the processes and their supervisor."""
+
+    urls: list[str]
+    servers: list[Any] = field(default_factory=list)
+    supervisor: Any = None
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts if self.supervisor is not None else 0
+
+
 @contextmanager
-def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[list[str]]:
-    """The shard URLs: --redis-url, or embedded redis-servers for this run.
+def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[ReplayBackend]:
+    """The shards' Redis: --redis-url, or supervised embedded redis-servers.
 
-    On a local Ray they bind 127.0.0.1. With --ray-address, actors may run on
-    other nodes, so they bind this node's IP and require a random password.
+    Embedded ones bind 127.0.0.1 with a random password. With --ray-address,
+    actors may run on other nodes, so they bind this node's IP instead.
     """
-    import secrets
-
-    import ray
-
-    from replay_server.redis_proc import EmbeddedRedis, redact
+    from replay_server.redis_proc import EmbeddedRedis, RedisSupervisor, redact
 
     urls = cfg.redis_urls()
     if urls:
-        yield urls
+        yield ReplayBackend(urls)
         return
-    host, password = "127.0.0.1", None
+    host = "127.0.0.1"
     if cfg.run.ray_address:
-        host, password = ray.util.get_node_ip_address(), secrets.token_hex(16)
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    maxmemory = embedded_maxmemory(cfg)
     servers: list[Any] = []
+    supervisor = None
     try:
         for k in range(cfg.replay.shards):
             data_dir = Path(cfg.replay.data_dir or logdir / "redis") / f"shard-{k}"
-            data_dir.mkdir(parents=True, exist_ok=True)
-            servers.append(EmbeddedRedis(str(data_dir), password=password, host=host))
-        out(f"[apex] embedded redis-server: {', '.join(redact(s.url) for s in servers)}")
-        yield [s.url for s in servers]
+            try:
+                servers.append(EmbeddedRedis(str(data_dir), host=host, maxmemory=maxmemory))
+            except (ValueError, FileNotFoundError) as exc:
+                raise LaunchError(str(exc)) from None
+        supervisor = RedisSupervisor(servers, log_fn=out)
+        out(
+            f"[apex] embedded {os.path.basename(servers[0].binary)}: "
+            f"{', '.join(redact(s.url) for s in servers)} (maxmemory {maxmemory >> 20} MiB each, "
+            "restarted on its AOF if it dies)"
+        )
+        yield ReplayBackend([s.url for s in servers], servers, supervisor)
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         for s in servers:
             s.stop()
+
+
+def _check_namespaces(
+    cfg: Config, urls: list[str], identity: Any, out: Callable[[str], None]
+) -> None:
+    """Refuse (or with --replay-reset, delete) a replay this run cannot continue."""
+    from replay_server.keys import ReplayKeys
+    from replay_server.namespace import inspect_namespace, namespace_refusal, reset_namespace
+    from replay_server.protocol import ReplayUnavailable
+    from replay_server.redis_proc import connect, redact
+    from replay_server.shard import RECORD_DTYPE, RECORDS_PER_CHUNK
+
+    keys = ReplayKeys()
+    for url in urls:
+        shown = f"Redis at {redact(url)}"
+        try:
+            client = connect(url)
+            try:
+                if cfg.replay.replay_reset:
+                    n = reset_namespace(client, keys, shown)
+                    if n:
+                        out(f"[apex] --replay-reset: deleted the replay in {shown} ({n} keys)")
+                    continue
+                problems = inspect_namespace(
+                    client,
+                    keys,
+                    identity,
+                    capacity_per_shard(cfg),
+                    RECORD_DTYPE.itemsize,
+                    RECORDS_PER_CHUNK,
+                    shown,
+                )
+            finally:
+                client.close()
+        except ReplayUnavailable as exc:
+            raise LaunchError(str(exc)) from None
+        if problems:
+            raise LaunchError(namespace_refusal(redact(url), problems, keys.namespace))
 
 
 @contextmanager
@@ -245,33 +362,35 @@ def _learner_threads(cfg: Config, out: Callable[[str], None]) -> None:
 
 def _run(
     cfg: Config,
-    urls: list[str],
-    num_actions: int,
+    backend: ReplayBackend,
+    identity: Any,
     resume_state: dict | None,
     logdir: Path,
     stop: threading.Event,
     out: Callable[[str], None],
 ) -> dict:
+    """Wire the roles together and train until told to stop. Returns the summary
+    (with ``error`` set when a role could not go on)."""
     import ray
 
-    from deploy.fleet import ActorFleet, start_shards, start_weight_store
+    from deploy.fleet import ActorFleet, ReplayFleet, start_weight_store
     from learner.learner import Learner
     from learner.loop import TrainLoop
     from learner.metrics import Metrics
-    from replay_server.remote import RemoteShard
+    from replay_server.rate_limiter import InsertBudget, ReplayRatio
+    from replay_server.redis_proc import connect, redact
     from replay_server.sampler import PrefetchLoader, ReplaySampler
 
     _learner_threads(cfg, out)
-    capacity_per_shard = max(1, cfg.replay.capacity // len(urls))
+    urls = backend.urls
     store = start_weight_store()
-    shard_handles = start_shards(cfg, urls, capacity_per_shard)
-    shards = [RemoteShard(h) for h in shard_handles]
-    learner = Learner(cfg, num_actions, cfg.learner.device)
+    replay = ReplayFleet(cfg, urls, capacity_per_shard(cfg), identity)
+    learner = Learner(cfg, identity.num_actions, cfg.learner.device)
     if resume_state is not None:
         learner.load_state_dict(resume_state)
     batch_size = cfg.batch_size(learner.device.type)
     sampler = ReplaySampler(
-        shards,
+        replay.shards,
         urls,
         codec=cfg.replay.codec,
         min_size=cfg.replay.min_replay,
@@ -286,37 +405,28 @@ def _run(
         beta[0] = b
         return loader.get(timeout=1.0)
 
+    budget = InsertBudget(
+        [connect(u) for u in urls],
+        [f"Redis at {redact(u)}" for u in urls],
+        ReplayRatio(cfg.replay.samples_per_insert, cfg.replay.min_replay),
+        batch_size,
+    )
+    metrics = Metrics(str(logdir / "tb"), use_ray=True)
+
     def publish(version: int, weights: dict) -> None:
         ray.get(store.publish.remote(version, [ray.put(weights)]))
 
-    fleet: ActorFleet | None = None
-    last: dict = {}
-
-    budget = InsertBudget(cfg, urls, batch_size)
-
-    def poll_external() -> dict:
-        assert fleet is not None
-        stats = fleet.poll(timeout=1.0)
-        shard_stats = [s.stats() for s in shards]
-        stats["replay_size"] = sum(s["size"] for s in shard_stats)
-        stats["inserted"] = sum(s["inserted_total"] for s in shard_stats)
-        stats["replay_bytes"] = sum(s.get("bytes_used", 0) for s in shard_stats)
-        budget.update(sampler.stats()["sampled"])
-        last.update(stats)
-        return stats
-
-    metrics = Metrics(str(logdir / "tb"), use_ray=True)
     publish(0, learner.get_weights())  # actors start from the learner's weights
-    fleet = ActorFleet(
-        cfg, urls, start_frames=int(((resume_state or {}).get("counters") or {}).get("frames", 0))
-    )
+    start_frames = int(((resume_state or {}).get("counters") or {}).get("frames", 0))
+    actors = ActorFleet(cfg, urls, start_frames=start_frames)
+    monitor = RunMonitor(actors, replay, backend, budget, lambda: sampler.stats()["sampled"], stop)
     loop = TrainLoop(
         cfg,
         learner,
         sample=sample,
         update_priorities=sampler.update_priorities,
         publish=publish,
-        poll_external=poll_external,
+        poll_external=monitor.poll,
         metrics=metrics,
         checkpoint_path=str(logdir / "checkpoint.pt"),
         counters=(resume_state or {}).get("counters"),
@@ -324,64 +434,125 @@ def _run(
     )
     try:
         summary = loop.run(stop)
-        summary.update(
-            replay_size=last.get("replay_size", 0),
-            replay_inserted=last.get("inserted", 0),
-            replay_bytes=last.get("replay_bytes", 0),
-            actor_weight_versions=last.get("actor_weight_versions", []),
-            actor_restarts=last.get("actor_restarts", 0),
-            logdir=str(logdir),
-        )
     finally:
-        fleet.stop()
+        actors.stop()
         loader.close()
-        for h in shard_handles:
-            try:
-                ray.get(h.stop.remote(), timeout=30)
-            except ray.exceptions.RayError as exc:
-                out(f"[apex] warning: replay shard did not stop cleanly: {exc}")
+        replay.drain()
+        monitor.final()
+        replay.stop()
         metrics.close()
         budget.close()
+    summary.update(monitor.summary(), logdir=str(logdir))
+    if monitor.error is not None:
+        summary["error"] = str(monitor.error)
     return summary
 
 
-class InsertBudget:
-    """The insert side of ``--samples-per-insert`` (the sampler holds the other).
+class RunMonitor:
+    """What the training loop learns about the other roles, polled in the loop's
+    background thread (`learner.loop.TrainLoop` ``poll_external``): actor totals
+    and episodes, replay size and health, the insert budget; and what every fault
+    cost, for the summary.
 
-    Every poll, each shard's Redis gets ``budget = pushed_at_start +
-    (min_replay + sampled / R + tolerance) / shards``; writers that pushed
-    more wait (bounded) before their next push. Tolerance: 20 batches' worth of
-    inserts, at least 1,000, so that actors run smoothly between polls.
-    Off (key deleted) when R = 0.
+    A role that cannot run (`deploy.fleet.FleetError`) sets ``error`` and the
+    stop event: the loop ends cleanly and `train` reports it.
     """
 
-    def __init__(self, cfg: Config, urls: list[str], batch_size: int):
-        from replay_server.keys import ReplayKeys
-        from replay_server.redis_proc import connect
+    def __init__(
+        self,
+        actors: Any,
+        replay: Any,
+        backend: ReplayBackend,
+        budget: Any,
+        sampled: Callable[[], int],
+        stop: threading.Event,
+    ) -> None:
+        self.actors, self.replay, self.backend = actors, replay, backend
+        self.budget, self._sampled, self._stop = budget, sampled, stop
+        self.error: BaseException | None = None
+        self.fleet: Any = None
+        self.shards: list[Any] = []
 
-        self.keys = ReplayKeys()
-        self.clients = [connect(u) for u in urls]
-        self.ratio = cfg.replay.samples_per_insert
-        self.min_replay = cfg.replay.min_replay
-        self.tolerance = max(1000.0, 20 * batch_size / self.ratio) if self.ratio > 0 else 0.0
-        self.base = [int(c.get(self.keys.pushed) or 0) for c in self.clients]
-        self.update(0)
+    def poll(self) -> dict[str, Any]:
+        from deploy.fleet import FleetError
 
-    def update(self, sampled: int) -> None:
-        if self.ratio <= 0:
-            for c in self.clients:
-                c.delete(self.keys.budget)
-            return
-        # the sampler allows sampled <= R * (inserted - min_replay) + tol: mirror it
-        total = self.min_replay + sampled / self.ratio + self.tolerance
-        share = total / len(self.clients)
-        for c, base in zip(self.clients, self.base, strict=True):
-            c.set(self.keys.budget, int(base + share))
+        try:
+            self.fleet = self.actors.poll(timeout=1.0)
+            self.shards = [s for s in self.replay.stats() if s is not None]
+        except FleetError as exc:
+            if self.error is None:
+                self.error = exc
+                log.error("%s", exc)
+                self._stop.set()
+            raise
+        self.budget.update(self._sampled())
+        f, shards = self.fleet, self.shards
+        down = [s.outage_s for s in shards if not s.available]
+        return {
+            "frames": f.frames,
+            "transitions": f.transitions_pushed,
+            "episodes": f.episodes,
+            "epsilon_min": f.epsilon_min,
+            "epsilon_max": f.epsilon_max,
+            "actor_weight_versions": f.actor_weight_versions,
+            "replay_size": sum(s.size for s in shards),
+            "inserted": sum(s.inserted_total for s in shards),
+            "replay_bytes": sum(s.bytes_used for s in shards),
+            "replay_unavailable_s": max(down) if down else None,
+            **self._faults(),
+        }
 
-    def close(self) -> None:
-        for c in self.clients:
-            try:
-                c.delete(self.keys.budget)
-            except Exception:  # Redis already gone: nothing left to unblock
-                pass
-            c.close()
+    def final(self) -> None:
+        """Last figures after the actors stopped and the shards drained."""
+        try:
+            self.shards = [s for s in self.replay.stats(timeout=5.0) if s is not None]
+        except Exception as exc:  # noqa: BLE001 - the summary uses the last figures
+            log.warning("final replay stats: %s", exc)
+        if self.fleet is not None:
+            self.fleet.actor_restarts = max(
+                self.fleet.actor_restarts, sum(a.restarts for a in self.actors.actors)
+            )
+
+    def _faults(self) -> dict[str, Any]:
+        """What faults cost in this run (replay counters as differences from its start)."""
+        shards = self.shards
+        base = {i: b for i, b in enumerate(self.replay.baseline()) if b is not None}
+
+        def delta(name: str) -> int:
+            return sum(
+                getattr(s, name) - getattr(base.get(i, s), name) for i, s in enumerate(shards)
+            )
+
+        f = self.fleet
+        dropped = f.transitions_dropped if f else 0
+        lost = delta("lost")
+        unaccounted = 0
+        if f is not None and len(base) == len(shards):
+            unaccounted = max(0, f.transitions_pushed - delta("received"))
+        return {
+            "replay_outages": delta("outages"),
+            "replay_outage_s": round(
+                sum(s.outage_s - base.get(i, s).outage_s for i, s in enumerate(shards)), 1
+            ),
+            "transitions_lost": dropped + lost + unaccounted,
+            "transitions_dropped_by_actors": dropped,
+            "transitions_lost_by_redis": lost + unaccounted,
+            "replay_resets": delta("resets"),
+            "transitions_lost_in_resets": delta("lost_in_resets"),
+            "orphan_frames_collected": delta("orphans_collected"),
+            "replay_rejected": delta("rejected"),
+            "replay_malformed": delta("malformed"),
+            "shard_restarts": self.replay.restarts,
+            "actor_restarts": f.actor_restarts if f else 0,
+            "redis_restarts": self.backend.restarts,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        f, shards = self.fleet, self.shards
+        return {
+            "replay_size": sum(s.size for s in shards),
+            "replay_inserted": sum(s.inserted_total for s in shards),
+            "replay_bytes": sum(s.bytes_used for s in shards),
+            "actor_weight_versions": f.actor_weight_versions if f else [],
+            **self._faults(),
+        }

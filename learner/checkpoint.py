@@ -19,13 +19,20 @@ Layout (``FORMAT`` = "apex-dqn-checkpoint", ``VERSION`` = 1)::
 
 Writing goes to ``<path>.tmp-<pid>`` first, is fsync'ed, then ``os.replace``d over
 ``path``: a crash mid-write leaves the previous checkpoint intact.
+
+`save_checkpoint` with ``keep=K`` writes ``<stem>-<updates>.pt`` and makes
+``path`` (``checkpoint.pt``) a hard link to it (a copy where links are not
+possible), then deletes all but the newest K numbered files: the last good
+checkpoints survive a bad one.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
+import shutil
 from typing import Any
 
 import numpy as np
@@ -71,14 +78,19 @@ def save_checkpoint(
     config: dict[str, Any],
     env_id: str,
     num_actions: int,
+    keep: int | None = None,
 ) -> str:
     """Atomically write a checkpoint; returns the path written.
 
     learner_state: `Learner.state_dict()` (model, target, optimizer, updates)
     counters:      plain values (ints, floats, lists of them)
     config:        `Config.to_dict()`
+    keep:          None: write ``path`` only; K: a numbered file, ``path`` linked to
+                   it, the newest K numbered files kept (returns the numbered path)
     """
     path = os.fspath(path)
+    if keep is not None:
+        return _save_numbered(path, learner_state, counters, config, env_id, num_actions, keep)
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -102,6 +114,44 @@ def save_checkpoint(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _save_numbered(
+    path: str,
+    learner_state: dict[str, Any],
+    counters: dict[str, Any],
+    config: dict[str, Any],
+    env_id: str,
+    num_actions: int,
+    keep: int,
+) -> str:
+    stem, ext = os.path.splitext(path)
+    updates = int(counters.get("updates", learner_state.get("updates", 0)))
+    numbered = f"{stem}-{updates:010d}{ext or '.pt'}"
+    save_checkpoint(numbered, learner_state, counters, config, env_id, num_actions)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        try:
+            os.link(numbered, tmp)
+        except OSError:
+            shutil.copyfile(numbered, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    pattern = re.compile(re.escape(os.path.basename(stem)) + r"-\d{10}" + re.escape(ext or ".pt"))
+    mine = sorted(
+        p for p in glob.glob(f"{glob.escape(stem)}-*") if pattern.fullmatch(os.path.basename(p))
+    )
+    for old in mine[:-keep]:
+        os.unlink(old)
+    return numbered
+
+
+def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The run settings stored in a checkpoint (`Config.to_dict()` form); raises
+    `CheckpointError` when the file is not a readable checkpoint."""
+    return load_checkpoint(path)["config"]
 
 
 def load_checkpoint(

@@ -189,6 +189,15 @@ class Learner:
             "priorities": host[:b].astype(np.float32, copy=True),
         }
 
+    def is_finite(self) -> bool:
+        """True when every online and target parameter is finite."""
+        with torch.no_grad():
+            return all(
+                bool(torch.isfinite(p).all())
+                for net in (self.online, self.target)
+                for p in net.parameters()
+            )
+
     def update_target(self) -> None:
         """Copy the online network's parameters into the target network."""
         self.target.load_state_dict(self.online.state_dict())

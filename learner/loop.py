@@ -8,6 +8,7 @@ shards (`deploy.launcher`).
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,15 +27,32 @@ from learner.metrics import Metrics, progress_line
 log_ = logging.getLogger(__name__)
 
 RECENT_EPISODES = 100
+# Fault counters from ``poll_external`` recorded as metrics (see `learner.metrics`).
+_FAULT_METRICS = (
+    "replay_outages",
+    "replay_outage_s",
+    "transitions_lost",
+    "orphan_frames_collected",
+    "shard_restarts",
+    "actor_restarts",
+    "replay_rejected",
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (a NaN or infinite loss or weight); the message says where
+    and names the last good checkpoint, which is never overwritten."""
 
 
 class PriorityWriter:
     """Background thread sending new priorities to the replay, so the next update
     never waits for the replay's round trip. Pending updates are coalesced into one
-    ``update_priorities(keys, priorities)`` call; the queue holds at most
-    ``max_pending`` updates (the loop blocks beyond that: back-pressure instead of
-    unbounded memory). A failing call is logged and dropped (priorities are hints;
-    the transitions keep their old priority)."""
+    ``update_priorities(keys, priorities)`` call, and calls are made one at a time
+    (each waits for the replay's answer), so the replay applies them in the order
+    the learner produced them. The queue holds at most ``max_pending`` updates
+    (the loop blocks beyond that: back-pressure instead of unbounded memory). A
+    failing call (the replay is restarting or unavailable) is logged and dropped:
+    priorities are hints, the transitions keep their old priority."""
 
     def __init__(self, fn: Callable[[np.ndarray, np.ndarray], None], max_pending: int = 64):
         self._fn = fn
@@ -142,11 +160,15 @@ class TrainLoop:
                        ``frames``, ``transitions`` (this run's totals),
                        ``episodes`` (list of (raw return, length) finished since the
                        previous call), ``replay_size``, ``inserted``,
-                       ``epsilon_min``, ``epsilon_max``; missing keys are treated as
-                       0 / unknown. Called from a background thread every
-                       ``poll_seconds``.
+                       ``epsilon_min``, ``epsilon_max``, ``replay_unavailable_s``
+                       (seconds the replay has been unavailable, None when it is
+                       fine) and the fault counters of ``_FAULT_METRICS``; missing
+                       keys are treated as 0 / unknown. Called from a background
+                       thread every ``poll_seconds``.
     metrics:           `Metrics` sink (the loop does not close it)
-    checkpoint_path:   written every ``checkpoint_minutes`` and at exit (atomic)
+    checkpoint_path:   ``checkpoint.pt``, the newest checkpoint, written every
+                       ``checkpoint_minutes`` and at exit (atomic; the newest
+                       ``keep_checkpoints`` stay as ``checkpoint-<updates>.pt``)
     counters:          the ``counters`` of a resumed checkpoint: frames,
                        transitions, episodes, weight_version, elapsed_s and
                        recent_returns continue from there
@@ -192,6 +214,7 @@ class TrainLoop:
         self.external: dict[str, Any] = {}
         self.last_step: dict[str, Any] = {}
         self.published_at_update = learner.updates
+        self.last_checkpoint: str | None = None
         self._last_rates: dict[str, float] = {}
         self._prio = PriorityWriter(update_priorities)
         self._poller = _Poller(poll_external, poll_seconds)
@@ -268,6 +291,7 @@ class TrainLoop:
         next_metrics = start + self.metrics_seconds
         next_log = start + rc.log_every
         reason = "error"
+        diverged = False
         try:
             while True:
                 self._absorb()
@@ -285,6 +309,8 @@ class TrainLoop:
                 total_wait += t1 - t0
                 if batch is not None:
                     out = self.learner.step(batch)
+                    if not math.isfinite(out["loss"]):
+                        raise NonFiniteLoss(self._diverged(f"the loss is {out['loss']}"))
                     t2 = time.monotonic()
                     win.step += t2 - t1
                     win.sampled += len(batch)
@@ -306,13 +332,16 @@ class TrainLoop:
                 if now >= next_log:
                     self.log(f"[apex] {progress_line(self.snapshot())}")
                     next_log = now + rc.log_every
+        except NonFiniteLoss:
+            diverged = True
+            raise
         finally:
             self._poller.close()
             self._prio.close()
             self._poller.poll_now()
             self._absorb()
             elapsed = time.monotonic() - start
-            path = self._checkpoint(elapsed)
+            path = self.last_checkpoint if diverged else self._checkpoint(elapsed)
             self._record(win)
             self.metrics.flush()
         elapsed = max(time.monotonic() - start, 1e-9)
@@ -369,17 +398,31 @@ class TrainLoop:
         self.published_at_update = self.learner.updates
 
     def _checkpoint(self, elapsed: float) -> str:
+        """Write a checkpoint, unless the network is no longer finite (then raise:
+        the last good checkpoint must never be overwritten by a diverged one)."""
+        if not self.learner.is_finite():
+            raise NonFiniteLoss(self._diverged("a network weight is not finite"))
         t0 = time.monotonic()
-        path = save_checkpoint(
+        save_checkpoint(
             self.checkpoint_path,
             self.learner.state_dict(),
             self.counters(elapsed),
             self.cfg.to_dict(),
             self.env_id,
             self.learner.num_actions,
+            keep=self.cfg.learner.keep_checkpoints,
         )
+        self.last_checkpoint = self.checkpoint_path
         self.metrics.scalar("checkpoint_s", time.monotonic() - t0, self.frames)
-        return path
+        return self.checkpoint_path
+
+    def _diverged(self, what: str) -> str:
+        last = self.last_checkpoint or "none was written in this run"
+        return (
+            f"training diverged at update {self.learner.updates}: {what}. The last good "
+            f"checkpoint ({last}) is kept; resume from it with a lower --lr (now "
+            f"{self.cfg.learning_rate():g}) or a smaller --grad-clip"
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """Current values for `progress_line` and the metrics."""
@@ -398,6 +441,7 @@ class TrainLoop:
             "env_frames_per_s": self._last_rates.get("env_frames_per_s", 0.0),
             "updates_per_s": self._last_rates.get("updates_per_s", 0.0),
             "data_wait_fraction": self._last_rates.get("data_wait_fraction"),
+            "replay_unavailable_s": ext.get("replay_unavailable_s"),
         }
 
     def _record(self, win: _Window) -> None:
@@ -424,6 +468,7 @@ class TrainLoop:
             "replay_size": self.external.get("replay_size"),
             "epsilon_min": self.external.get("epsilon_min"),
             "epsilon_max": self.external.get("epsilon_max"),
+            **{k: self.external.get(k) for k in _FAULT_METRICS},
         }
         steps = self.learner.updates - win.updates
         if steps:

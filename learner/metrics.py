@@ -33,6 +33,14 @@ METRICS: dict[str, str] = {
     "env_frames": "emulator frames so far, all actors (resumed runs included)",
     "updates": "learner updates so far",
     "episodes": "finished episodes so far",
+    "replay_outages": "times a replay shard found its Redis unavailable (this run)",
+    "replay_outage_s": "seconds replay shards' Redis was unavailable (this run, all shards)",
+    "transitions_lost": "transitions lost (actor buffers overflowed during outages + "
+    "writes Redis lost), this run",
+    "orphan_frames_collected": "frames no transition referred to, deleted by the shards' sweep",
+    "shard_restarts": "replay shard processes restarted (this run)",
+    "actor_restarts": "actor processes restarted (this run)",
+    "replay_rejected": "records the replay refused as invalid (this run)",
 }
 
 
@@ -127,4 +135,6 @@ def progress_line(s: dict[str, Any]) -> str:
         parts.append(f"wait {100 * s['data_wait_fraction']:.0f}%")
     if s.get("epsilon_min") is not None and s.get("epsilon_max") is not None:
         parts.append(f"eps {s['epsilon_min']:.2g}-{s['epsilon_max']:.2g}")
+    if s.get("replay_unavailable_s") is not None:
+        parts.append(f"replay: unavailable {s['replay_unavailable_s']:.0f} s")
     return " | ".join(parts)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_GROUP_FRAMES = 1 << 20  # frames one push may store (an actor pushes a few thousand)
+
 
 class FrameGroups:
     """Sorted, disjoint frame-id ranges with their last referencing slot."""
@@ -36,6 +38,27 @@ class FrameGroups:
 
     def __len__(self) -> int:
         return int(self.lo.size)
+
+    def copy(self) -> FrameGroups:
+        """An independent copy (arrays copied, the per-group id arrays shared: they are
+        never modified in place). The shard plans an ingest on a copy and keeps it
+        only once Redis has accepted the write."""
+        other = FrameGroups()
+        other.lo, other.hi = self.lo.copy(), self.hi.copy()
+        other.last_ref, other.gid = self.last_ref.copy(), self.gid.copy()
+        other.frames = dict(self.frames)
+        other.next_gid, other.frame_count = self.next_gid, self.frame_count
+        return other
+
+    def covered(self, ids: np.ndarray) -> np.ndarray:
+        """bool[m]: which ids some group holds (exactly, not just inside its range)."""
+        ids = np.asarray(ids, np.int64)
+        row = self.lookup(ids)
+        out = np.zeros(ids.shape, bool)
+        for r in np.unique(row[row >= 0]):
+            m = row == r
+            out[m] = np.isin(ids[m], self.frames[int(self.gid[r])])
+        return out
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Group row (index into lo/hi/...) of each id, -1 when no group covers it."""
@@ -118,11 +141,23 @@ class FrameGroups:
         return np.int64(created_slot).astype("<i8").tobytes() + runs.tobytes()
 
     @staticmethod
-    def unpack(data: bytes) -> tuple[np.ndarray, int]:
-        """Inverse of :meth:`pack`: (int64 ids, created_slot)."""
+    def unpack(data: bytes, max_ids: int = MAX_GROUP_FRAMES) -> tuple[np.ndarray, int]:
+        """Inverse of :meth:`pack`: (int64 ids, created_slot).
+
+        Raises ValueError for a record that is not a valid group (odd length, runs
+        that are empty, overlap or go backwards, or more than ``max_ids`` ids: a
+        record read back from Redis is checked before anything is allocated).
+        """
+        if len(data) % 8:
+            raise ValueError(f"bad frame-group record of {len(data)} bytes")
         arr = np.frombuffer(data, "<i8")
         if arr.size < 3 or (arr.size - 1) % 2:
             raise ValueError(f"bad frame-group record of {len(data)} bytes")
         runs = arr[1:].reshape(-1, 2)
+        starts, lengths = runs[:, 0], runs[:, 1]
+        if (lengths < 1).any() or int(lengths.sum()) > max_ids:
+            raise ValueError(f"frame-group record claims {int(lengths.sum())} frame ids")
+        if (starts[1:] < starts[:-1] + lengths[:-1]).any() or (starts < 0).any():
+            raise ValueError("frame-group record has overlapping or negative runs")
         ids = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in runs])
         return ids, int(arr[0])

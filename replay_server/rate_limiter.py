@@ -1,23 +1,54 @@
-"""Keep the learner's sampling rate tied to the actors' insert rate.
+"""Keep the learner's sampling rate and the actors' insert rate at one ratio.
 
-Reverb's ``SampleToInsertRatio``, learner side only (Ape-X actors never block):
-sampling starts once ``min_size`` transitions are stored, and a batch of ``n``
-may be drawn while ::
+Reverb's ``SampleToInsertRatio``, held from both sides with one formula
+(`ReplayRatio`): with ``R = samples_per_insert``,
 
-    sampled + n <= samples_per_insert * (inserted - min_size) + tolerance
+    samples allowed after ``inserted`` inserts:  R * (inserted - min_size)
+    inserts allowed after ``sampled`` samples:   min_size + sampled / R
 
-so the learner runs at most ``tolerance`` samples ahead of the configured
-replay ratio. ``samples_per_insert = 0`` disables the ratio (only ``min_size``
-holds). At the first check, ``sampled`` is credited as if the learner had kept
-the ratio since ``min_size`` (a resumed run against a full replay does not get
-a huge burst).
+* the learner side (`RateLimiter`): a batch of ``n`` may be drawn while
+  ``sampled + n <= allowed_samples(inserted) + tolerance`` (the learner waits);
+* the insert side (`InsertBudget`): each shard's Redis holds a budget of
+  ``allowed_inserts(sampled) + tolerance`` (split over the shards); writers that
+  pushed more wait, bounded (`actors.outbox.ReplayOutbox.throttle`). Unlike the
+  paper's free-running actors: with few actors the learner is the bottleneck, and
+  unthrottled actors would make the effective ratio depend on the machine.
+
+``R = 0`` disables both (only ``min_size`` holds). At the first check, the
+learner's ``sampled`` is credited as if it had kept the ratio since
+``min_size`` (a resumed run against a full replay does not get a huge burst).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from replay_server.keys import ReplayKeys
+from replay_server.protocol import ReplayUnavailable, replay_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplayRatio:
+    """The replay ratio R = samples per insert, after ``min_size`` inserts (R = 0: off)."""
+
+    samples_per_insert: float
+    min_size: int
+
+    def allowed_samples(self, inserted: int) -> float:
+        """Samples the learner may have drawn after ``inserted`` inserts."""
+        return self.samples_per_insert * (inserted - self.min_size)
+
+    def allowed_inserts(self, sampled: float) -> float:
+        """Inserts the actors may have made after the learner drew ``sampled``."""
+        return self.min_size + sampled / self.samples_per_insert
 
 
 class RateLimiter:
@@ -37,6 +68,7 @@ class RateLimiter:
             )
         self.min_size = int(min_size)
         self.samples_per_insert = float(samples_per_insert)
+        self.ratio = ReplayRatio(self.samples_per_insert, self.min_size)
         self.tolerance = tolerance
         self.sampled = 0.0
         self.waited_s = 0.0
@@ -55,10 +87,10 @@ class RateLimiter:
         if spi <= 0:
             return True
         if not self._credited:
-            self.sampled = spi * max(0, inserted - self.min_size)
+            self.sampled = max(0.0, self.ratio.allowed_samples(inserted))
             self._credited = True
         tol = self.tolerance if self.tolerance is not None else 2.0 * n
-        return self.sampled + n <= spi * (inserted - self.min_size) + tol
+        return self.sampled + n <= self.ratio.allowed_samples(inserted) + tol
 
     def try_acquire(self, n: int, inserted: int, size: int) -> bool:
         with self._lock:
@@ -102,3 +134,56 @@ class RateLimiter:
         finally:
             with self._lock:
                 self.waited_s += time.monotonic() - start
+
+
+class InsertBudget:
+    """The insert side of the replay ratio (the `RateLimiter` holds the other).
+
+    Every `update`, each shard's Redis gets ``budget = pushed_at_start +
+    (allowed_inserts(sampled) + tolerance) / shards``; writers that pushed more
+    wait (bounded) before their next push. Tolerance: 20 batches' worth of
+    inserts, at least 1,000, so that actors run smoothly between updates.
+    Off (the key deleted) when R = 0. A shard whose Redis is unavailable keeps
+    its last budget until it is back (writers there buffer anyway).
+
+    clients: one connected ``redis.Redis`` per shard (`connect`), owned here.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[redis.Redis],
+        where: Sequence[str],
+        ratio: ReplayRatio,
+        batch_size: int,
+        namespace: str = "apex",
+    ) -> None:
+        self.keys = ReplayKeys(namespace)
+        self.clients, self.where, self.ratio = list(clients), list(where), ratio
+        r = ratio.samples_per_insert
+        self.tolerance = max(1000.0, 20 * batch_size / r) if r > 0 else 0.0
+        self.base: list[int | None] = [None] * len(self.clients)
+        self.update(0)
+
+    def update(self, sampled: int) -> None:
+        share = 0.0
+        if self.ratio.samples_per_insert > 0:
+            share = (self.ratio.allowed_inserts(sampled) + self.tolerance) / len(self.clients)
+        for k, client in enumerate(self.clients):
+            try:
+                with replay_errors(self.where[k]):
+                    if self.ratio.samples_per_insert <= 0:
+                        client.delete(self.keys.budget)
+                        continue
+                    if self.base[k] is None:
+                        self.base[k] = int(client.get(self.keys.pushed) or 0)
+                    client.set(self.keys.budget, int(self.base[k] + share))
+            except ReplayUnavailable:
+                continue  # writers of that shard cannot push now either
+
+    def close(self) -> None:
+        for client in self.clients:
+            try:
+                client.delete(self.keys.budget)
+            except (redis.RedisError, OSError):
+                pass  # Redis already gone: nothing left to unblock
+            client.close()

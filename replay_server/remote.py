@@ -8,7 +8,11 @@ wrap each shard actor in a :class:`RemoteShard` before handing it over::
     handle.start.remote()
     sampler = ReplaySampler([RemoteShard(handle)], [url], codec, ...)
 
-``update_priorities`` is fire-and-forget (the learner does not wait for it).
+``update_priorities`` waits for the shard's answer: the learner calls it from its
+background `learner.loop.PriorityWriter` thread, one call at a time, so a shard
+applies priority updates in the order they were produced, and the writer's
+bounded queue is the back-pressure. (Fire-and-forget calls into a threaded
+actor could be applied out of order and could queue without bound.)
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from replay_server.protocol import ShardSample, ShardStats
 
 
 class RemoteShard:
@@ -25,15 +31,25 @@ class RemoteShard:
         self.handle = handle
         self.timeout = timeout
 
-    def sample(self, batch_size: int, beta: float) -> dict:
+    def sample(self, batch_size: int) -> ShardSample:
         import ray
 
-        return ray.get(self.handle.sample.remote(batch_size, beta), timeout=self.timeout)
+        return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
 
-    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
-        self.handle.update_priorities.remote(keys, priorities)
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """Apply new priorities; returns how many the shard applied. Raises Ray's
+        errors (the shard is restarting: the caller drops this update)."""
+        import ray
 
-    def stats(self) -> dict:
+        return ray.get(self.handle.update_priorities.remote(keys, priorities), timeout=self.timeout)
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Make slots unsampleable (their frames are gone); see `ReplayShard.remove`."""
+        import ray
+
+        return ray.get(self.handle.remove.remote(keys), timeout=self.timeout)
+
+    def stats(self) -> ShardStats:
         import ray
 
         return ray.get(self.handle.stats.remote(), timeout=self.timeout)

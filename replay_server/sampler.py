@@ -8,8 +8,8 @@ Call order (one sampler per learner)::
     sampler.update_priorities(batch.keys, new_priorities)
     loader.close()
 
-``shards[k]`` is anything with synchronous ``sample(batch_size, beta) -> dict``,
-``update_priorities(keys, priorities)`` and ``stats() -> dict`` (a
+``shards[k]`` is anything with synchronous ``sample(batch_size) -> ShardSample``,
+``update_priorities(keys, priorities)`` and ``stats() -> ShardStats`` (a
 :class:`ReplayShard` in tests, an adapter over a Ray actor handle in production);
 ``urls[k]`` is the Redis of that shard, which the sampler reads frames from
 directly (one MGET per shard per batch).
@@ -33,6 +33,7 @@ import numpy as np
 from common.types import FRAME_SHAPE, STACK, SampleBatch
 from common.wire import FrameCodec, WireError
 from replay_server.keys import ReplayKeys
+from replay_server.protocol import ShardSample
 from replay_server.rate_limiter import RateLimiter
 from replay_server.redis_proc import connect
 from replay_server.shard import SLOT_BITS
@@ -153,9 +154,9 @@ class ReplaySampler:
             stats = [s.stats() for s in self.shards]
             with self._lock:
                 for k, st in enumerate(stats):
-                    self._totals[k] = st["total_priority"]
-                    self._sizes[k] = st["size"]
-                    self._inserted[k] = st["inserted_total"]
+                    self._totals[k] = st.total_priority
+                    self._sizes[k] = st.size
+                    self._inserted[k] = st.inserted_total
                 self._fresh = True
         return int(self._inserted.sum()), int(self._sizes.sum())
 
@@ -174,11 +175,11 @@ class ReplaySampler:
         parts = []
         for k, c in enumerate(counts):
             if c:
-                r = self.shards[k].sample(int(c), beta)
+                r = self.shards[k].sample(int(c))
                 with self._lock:
-                    self._totals[k], self._sizes[k] = r["total"], r["size"]
-                    self._inserted[k] = r["inserted"]
-                if len(r["keys"]):
+                    self._totals[k], self._sizes[k] = r.total, r.size
+                    self._inserted[k] = r.inserted
+                if len(r):
                     parts.append((k, r))
         with self._lock:
             n_all = float(self._sizes.sum())
@@ -192,10 +193,10 @@ class ReplaySampler:
             ok = self._fetch(k, r, obs, nxt, row)
             b = int(ok.sum())
             row += b
-            cols["keys"].append((np.int64(k) << SLOT_BITS) | r["keys"][ok])
-            cols["p"].append(share[k] * r["probs"][ok])
+            cols["keys"].append((np.int64(k) << SLOT_BITS) | r.keys[ok])
+            cols["p"].append(share[k] * r.probs[ok])
             for name in ("actions", "returns", "discounts"):
-                cols[name].append(r[name][ok])
+                cols[name].append(getattr(r, name)[ok])
         if row == 0:
             return None
         p = np.concatenate(cols["p"])
@@ -211,10 +212,12 @@ class ReplaySampler:
             keys=np.concatenate(cols["keys"]).astype(np.int64),
         )
 
-    def _fetch(self, k: int, r: dict, obs: np.ndarray, nxt: np.ndarray, row: int) -> np.ndarray:
+    def _fetch(
+        self, k: int, r: ShardSample, obs: np.ndarray, nxt: np.ndarray, row: int
+    ) -> np.ndarray:
         """MGET + decode shard k's frames; write stacks into obs/nxt from ``row``.
         Returns the bool[b] mask of rows kept."""
-        ids = np.concatenate([r["obs_ids"], r["next_obs_ids"]], axis=1)  # int64[b, 8]
+        ids = np.concatenate([r.obs_ids, r.next_obs_ids], axis=1)  # int64[b, 8]
         uniq, inv = np.unique(ids, return_inverse=True)
         inv = inv.reshape(ids.shape)
         blobs = self.clients[k].mget(self.keys.frames(uniq))

@@ -2,17 +2,31 @@
 
 Call order (one writer per actor process start)::
 
-    w = ReplayWriter(url, codec="lz4")   # PING + INCR -> w.incarnation
+    w = ReplayWriter(url, codec="lz4")   # PING + register -> w.incarnation, w.epoch
     ids = make_frame_id(w.incarnation, counters)
     w.push(new_frame_ids, new_frames, batch, actor=i, policy_version=v)  # repeat
 
-``push`` raises :class:`ReplayUnavailable` when Redis is unreachable; the caller
-buffers and retries the same push later (a retried push is idempotent for frames,
-and the shard tolerates a repeated batch).
+Both steps are small Lua scripts, so each is atomic in Redis:
+
+* register: ``SET epoch <new token> NX``, then ``GET epoch`` and ``INCR
+  incarnation``. The writer remembers the epoch it registered under.
+* push: if ``epoch`` is still the writer's, ``MSET`` the new frames, ``RPUSH`` the
+  batch, ``INCRBY pushed`` and read the insert budget; otherwise write nothing.
+  All or nothing: a writer killed mid-push leaves no orphan frames, and a
+  writer registered with a Redis that has since lost its data (restarted
+  empty) can never write into the new data with its old ids.
+
+``push`` raises :class:`ReplayUnavailable` when Redis is unreachable or refuses
+writes (``OOM``, ``MISCONF``, ``READONLY``): nothing was written, the caller keeps
+the data and retries later. On an epoch change it registers again (a new
+incarnation, hence fresh frame ids) and raises :class:`ReplayReset`, a
+`ReplayUnavailable`: the retry goes out under the new ids, and transitions that
+refer to frames pushed before the reset are dropped by the shard as dangling.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -21,9 +35,37 @@ import redis
 from common.types import FRAME_SHAPE, TransitionBatch
 from common.wire import FrameCodec, WireError, encode_batch, train_zstd_dictionary
 from replay_server.keys import ReplayKeys
-from replay_server.redis_proc import ReplayUnavailable, connect, redact
+from replay_server.protocol import ReplayUnavailable, replay_errors
+from replay_server.redis_proc import connect, redact
 
 DICT_MIN_FRAMES = 256  # zstd-dict: frames needed before training the dictionary
+MSET_ARGS = 1000  # key/value arguments per MSET inside the push script (even)
+
+# KEYS: epoch, incarnation, codec. ARGV: a fresh epoch token, the codec name.
+_REGISTER = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+redis.call('SETNX', KEYS[3], ARGV[2])
+return {redis.call('GET', KEYS[1]), redis.call('INCR', KEYS[2])}
+"""
+
+# KEYS: epoch, incoming, pushed, budget. ARGV: epoch, batch payload, n, then
+# frame key, frame bytes, ... Returns {pushed, budget} or {-1, current epoch}.
+_PUSH = f"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {{-1, redis.call('GET', KEYS[1])}}
+end
+local n = #ARGV
+for i = 4, n, {MSET_ARGS} do
+  redis.call('MSET', unpack(ARGV, i, math.min(i + {MSET_ARGS - 1}, n)))
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return {{redis.call('INCRBY', KEYS[3], ARGV[3]), redis.call('GET', KEYS[4])}}
+"""
+
+
+class ReplayReset(ReplayUnavailable):
+    """The replay's Redis lost its data since this writer registered; the writer has
+    registered again (new incarnation) and the push should be retried."""
 
 
 def load_dictionary(client: redis.Redis, keys: ReplayKeys) -> bytes | None:
@@ -43,24 +85,29 @@ class ReplayWriter:
 
     def __init__(self, url: str, codec: str = "lz4", namespace: str = "apex") -> None:
         self.url = url
+        self._where = f"Redis at {redact(url)}"
         self.keys = ReplayKeys(namespace)
-        self.client = connect(url)
         self.codec_name = codec
         FrameCodec("none" if codec == "zstd-dict" else codec)  # validates the name
         self._codec: FrameCodec | None = None
         self._pending: list[np.ndarray] = []  # zstd-dict: frames to train on
         self._lock = threading.Lock()
-        try:
-            self.incarnation = int(self.client.incr(self.keys.incarnation))
-            self.client.setnx(self.keys.codec, codec)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise self._unavailable(exc) from None
+        self.client = connect(url)
+        self._register_script = self.client.register_script(_REGISTER)
+        self._push_script = self.client.register_script(_PUSH)
+        self.resets = 0
+        self._register()
 
-    def _unavailable(self, exc: BaseException) -> ReplayUnavailable:
-        return ReplayUnavailable(
-            f"cannot reach Redis at {redact(self.url)}: {exc}; the actor keeps the batch "
-            "and retries (start redis-server or omit --redis-url to use the embedded one)"
-        )
+    def _register(self) -> None:
+        """Take a new incarnation under the namespace's current epoch."""
+        k = self.keys
+        with replay_errors(self._where):
+            epoch, incarnation = self._register_script(
+                keys=[k.epoch, k.incarnation, k.codec], args=[os.urandom(16).hex(), self.codec_name]
+            )
+        self.epoch: bytes = epoch
+        self.incarnation = int(incarnation)
+        self._codec = None  # a zstd dictionary may have changed with the data
 
     def _frame_codec(self, frames: np.ndarray) -> FrameCodec:
         if self._codec is not None:
@@ -111,28 +158,30 @@ class ReplayWriter:
                 f"frames: expected uint8[{len(frame_ids)}, 84, 84], got {frames.dtype}{list(frames.shape)}"
             )
         payload = encode_batch(batch, actor, policy_version, frame_ids)
-        with self._lock:
-            try:
-                codec = self._frame_codec(frames) if len(frames) else None
-                pipe = self.client.pipeline(transaction=False)
-                if codec is not None:
-                    blobs = codec.encode(frames)
-                    pipe.mset(dict(zip(self.keys.frames(frame_ids), blobs, strict=True)))
-                pipe.rpush(self.keys.incoming, payload)
-                pipe.incrby(self.keys.pushed, len(batch))
-                pipe.get(self.keys.budget)
-                *_, pushed, budget = pipe.execute()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                raise self._unavailable(exc) from None
+        k = self.keys
+        with self._lock, replay_errors(self._where):
+            args: list[bytes | int] = [self.epoch, payload, len(batch)]
+            if len(frames):
+                blobs = self._frame_codec(frames).encode(frames)
+                for key, blob in zip(k.frames(frame_ids), blobs, strict=True):
+                    args += (key, blob)
+            pushed, budget = self._push_script(
+                keys=[k.epoch, k.incoming, k.pushed, k.budget], args=args
+            )
+            if int(pushed) < 0:
+                old = self.epoch
+                self.resets += 1
+                self._register()
+                raise ReplayReset(
+                    f"{self._where} lost the replay's data (epoch {old[:8]!r}... is now "
+                    f"{self.epoch[:8]!r}...); registered again as incarnation {self.incarnation}"
+                )
         return int(pushed), None if budget is None else int(budget)
 
     def allowance(self) -> tuple[int, int | None]:
         """``(pushed, budget)`` as `push` returns them, without pushing (one round trip)."""
-        with self._lock:
-            try:
-                pushed, budget = self.client.mget([self.keys.pushed, self.keys.budget])
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                raise self._unavailable(exc) from None
+        with self._lock, replay_errors(self._where):
+            pushed, budget = self.client.mget([self.keys.pushed, self.keys.budget])
         return int(pushed or 0), None if budget is None else int(budget)
 
     def close(self) -> None:

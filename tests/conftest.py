@@ -1,7 +1,8 @@
 """Shared pytest fixtures: a real Redis, a shared local Ray, real Pong frames.
 
 * ``redis_server`` (session): an :class:`EmbeddedRedis` on a free port in a tmp dir.
-* ``redis_url`` (function): that server's URL, FLUSHALLed before the test.
+* ``redis_url`` (function): that server's URL (the restricted ``apex`` user),
+  FLUSHALLed before the test (``redis_server.admin_url`` may do anything).
 * ``ray_local`` (session): ``ray.init(num_cpus=2)`` once (token auth disabled
   explicitly, no dashboard); shut down at the end. Yields the ``ray`` module.
 * ``pong_frames`` (session): uint8[800, 84, 84] real Pong frames (8 envs x 100
@@ -32,7 +33,7 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture
 def redis_url(redis_server):
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(redis_server.admin_url)
     client.flushall()
     client.close()
     yield redis_server.url

@@ -107,11 +107,11 @@ def test_catch_stacks_never_mix_episodes_and_nstep_ends(redis_url):
     actor = ApexActor(cfg, 1, redis_url)
     stats = actor.run(max_steps=60)
     metas, batches, frames = read_replay(redis_url)
-    assert stats["transitions_pushed"] == sum(len(b) for b in batches) > 0
+    assert stats.transitions_pushed == sum(len(b) for b in batches) > 0
     assert {m["actor"] for m in metas} == {1}
-    assert len(stats["episode_returns"]) >= 4 * 5  # 9-step episodes
-    assert set(stats["episode_lengths"]) == {9}
-    assert set(stats["episode_returns"]) <= {-1.0, 1.0}
+    assert len(stats.episode_returns) >= 4 * 5  # 9-step episodes
+    assert set(stats.episode_lengths) == {9}
+    assert set(stats.episode_returns) <= {-1.0, 1.0}
     n_terminal = 0
     for b in batches:
         for i in range(len(b)):
@@ -130,7 +130,7 @@ def test_catch_stacks_never_mix_episodes_and_nstep_ends(redis_url):
                 assert b.discounts[i] == pytest.approx(0.9**3)
                 assert b.returns[i] == 0.0
             assert b.priorities[i] > 0
-    assert n_terminal >= 3 * len(stats["episode_returns"]) - 3
+    assert n_terminal >= 3 * len(stats.episode_returns) - 3
     actor.close()
 
 
@@ -139,10 +139,10 @@ def test_pushed_frame_ids_resolve_each_frame_stored_once(redis_url):
     actor = ApexActor(cfg, 0, redis_url, num_actors=1)
     stats = actor.run(max_steps=45)
     metas, batches, frames = read_replay(redis_url)
-    inc = stats["incarnation"]
-    assert inc is not None and stats["transitions_pushed"] == 45 * 4 - 4 * 2  # n-1 held
-    assert sum(len(b) for b in batches) == stats["transitions_pushed"]
-    assert len(metas) == stats["pushes"] == 5  # 4 in the loop + 1 final
+    inc = stats.incarnation
+    assert inc is not None and stats.transitions_pushed == 45 * 4 - 4 * 2  # n-1 held
+    assert sum(len(b) for b in batches) == stats.transitions_pushed
+    assert len(metas) == stats.pushes == 5  # 4 in the loop + 1 final
     assert {m["policy_version"] for m in metas} == {0}
     assert len(frames) == 46 * 4  # the reset frames + one per env step, once each
     assert {f >> COUNTER_BITS for f in frames} == {inc}
@@ -151,44 +151,44 @@ def test_pushed_frame_ids_resolve_each_frame_stored_once(redis_url):
         used = np.concatenate([b.obs_ids.ravel(), b.next_obs_ids.ravel()])
         assert all(int(f) in frames for f in used)
     assert all(f.std() > 0 for f in frames.values())
-    assert stats["frames"] == 4 * stats["env_steps"] == 4 * 45 * 4
-    t = stats["time"]
+    assert stats.frames == 4 * stats.env_steps == 4 * 45 * 4
+    t = stats.time
     assert t["env"] > 0 and t["inference"] > 0 and t["push"] > 0
-    assert stats["epsilon_max"] == pytest.approx(0.4) and stats["epsilon_min"] < 0.4**7
+    assert stats.epsilon_max == pytest.approx(0.4) and stats.epsilon_min < 0.4**7
     actor.close()
 
 
 def test_backoff_and_bounded_buffer_while_redis_is_down(tmp_path, caplog):
     data = tmp_path / "redis"
     srv = EmbeddedRedis(str(data))
-    port = srv.port
+    port, password = srv.port, srv.password
     cfg = make_cfg("ApexCatch-v0", 4, push_every=5, local_buffer=120)
     actor = ApexActor(cfg, 0, srv.url)
     s1 = actor.run(max_steps=20)
-    assert s1["transitions_pushed"] > 0 and s1["pushes_failed"] == 0
+    assert s1.transitions_pushed > 0 and s1.pushes_failed == 0
     srv.stop()
     t0 = time.monotonic()
     s2 = actor.run(max_steps=150)
     assert time.monotonic() - t0 < 30  # never blocks on the dead replay
-    assert s2["transitions_pushed"] == s1["transitions_pushed"]
-    assert s2["pushes_failed"] >= 2 and not s2["replay_ok"]
-    assert s2["transitions_buffered"] <= 120
+    assert s2.transitions_pushed == s1.transitions_pushed
+    assert s2.pushes_failed >= 2 and not s2.replay_ok
+    assert s2.transitions_buffered <= 120
     # 150 steps x 4 envs, 9 of every 10 steps a transition (Catch: 9-step episodes,
     # then the NEXT_STEP reset step): ~540; all but the newest 120 are dropped
-    assert s2["transitions_dropped"] >= 540 - 120 - 20
-    assert "replay unreachable" in caplog.text
-    srv = EmbeddedRedis(str(data), port=port)  # same port, reloads its AOF
+    assert s2.transitions_dropped >= 540 - 120 - 20
+    assert "replay unavailable" in caplog.text
+    srv = EmbeddedRedis(str(data), port=port, password=password)  # reloads its AOF
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             s3 = actor.run(max_steps=5)
-            if s3["transitions_pushed"] > s2["transitions_pushed"]:
+            if s3.transitions_pushed > s2.transitions_pushed:
                 break
-        assert s3["replay_ok"] and s3["transitions_buffered"] == 0
-        assert s3["transitions_pushed"] >= s2["transitions_pushed"] + 100
+        assert s3.replay_ok and s3.transitions_buffered == 0
+        assert s3.transitions_pushed >= s2.transitions_pushed + 100
         # the buffered transitions' frames were kept: every id resolves
         batches = assert_every_frame_id_resolves(srv.url)
-        assert sum(len(b) for b in batches) == s3["transitions_pushed"]
+        assert sum(len(b) for b in batches) == s3.transitions_pushed
     finally:
         actor.close()
         srv.stop()
@@ -205,19 +205,19 @@ def assert_every_frame_id_resolves(url: str) -> list:
 
 def test_actor_starts_while_redis_is_down(tmp_path):
     srv = EmbeddedRedis(str(tmp_path / "r"))
-    url, port = srv.url, srv.port
+    url, port, password = srv.url, srv.port, srv.password
     srv.stop()
     actor = ApexActor(make_cfg("ApexCatch-v0", 2, push_every=5), 0, url)
     s1 = actor.run(max_steps=10)
-    assert s1["transitions_pushed"] == 0 and s1["pushes_failed"] >= 1 and s1["incarnation"] is None
-    srv = EmbeddedRedis(str(tmp_path / "r"), port=port)
+    assert s1.transitions_pushed == 0 and s1.pushes_failed >= 1 and s1.incarnation is None
+    srv = EmbeddedRedis(str(tmp_path / "r"), port=port, password=password)
     try:
         deadline = time.monotonic() + 30  # the backoff (0.25 s, doubling) must run out
         s2 = actor.run(max_steps=10)
-        while s2["transitions_pushed"] == 0 and time.monotonic() < deadline:
+        while s2.transitions_pushed == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
             s2 = actor.run(max_steps=10)
-        assert s2["transitions_pushed"] > 0 and s2["incarnation"] is not None
+        assert s2.transitions_pushed > 0 and s2.incarnation is not None
         assert_every_frame_id_resolves(url)
     finally:
         actor.close()
@@ -234,7 +234,7 @@ def test_ray_restart_after_kill_keeps_index_and_epsilons(ray_local, redis_url):
     s1 = ray.get(handle.run.remote(max_steps=15), timeout=60)
     eps1 = ray.get(handle.epsilons.remote())
     pid = ray.get(handle.pid.remote())
-    assert s1["transitions_pushed"] > 0 and not s1["restarted"]
+    assert s1.transitions_pushed > 0 and not s1.restarted
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while True:
@@ -245,12 +245,12 @@ def test_ray_restart_after_kill_keeps_index_and_epsilons(ray_local, redis_url):
             assert time.monotonic() < deadline, "actor was not restarted"
             time.sleep(0.2)
     assert ray.get(handle.pid.remote()) != pid
-    assert s2["restarted"] and s2["actor"] == 1 and s2["transitions_pushed"] == 0
+    assert s2.restarted and s2.actor == 1 and s2.transitions_pushed == 0
     assert ray.get(handle.epsilons.remote()) == eps1
     s3 = ray.get(handle.run.remote(max_steps=15), timeout=60)
-    assert s3["transitions_pushed"] > 0 and s3["incarnation"] != s1["incarnation"]
+    assert s3.transitions_pushed > 0 and s3.incarnation != s1.incarnation
     _, batches, frames = read_replay(redis_url)
-    assert sum(len(b) for b in batches) == s1["transitions_pushed"] + s3["transitions_pushed"]
+    assert sum(len(b) for b in batches) == s1.transitions_pushed + s3.transitions_pushed
     ray.kill(handle)
 
 
@@ -262,18 +262,18 @@ def test_stop_from_another_thread_ends_run(redis_url):
     thread = threading.Thread(target=lambda: result.update(actor.run()))
     thread.start()
     deadline = time.monotonic() + 30
-    while not actor.stats(reset_episodes=False)["episode_returns"]:  # 9-step episodes
+    while not actor.stats(reset_episodes=False).episode_returns:  # 9-step episodes
         assert time.monotonic() < deadline and thread.is_alive(), "no episode ended"
         time.sleep(0.05)
     mid = actor.stats(reset_episodes=True)
     actor.stop()
     thread.join(timeout=5)
     assert not thread.is_alive()
-    assert result["vector_steps"] >= mid["vector_steps"] > 0
+    assert result.vector_steps >= mid.vector_steps > 0
     # episodes were handed out once: the later stats hold only newer ones
-    assert len(mid["episode_returns"]) > 0
-    assert len(actor.stats()["episode_returns"]) < len(mid["episode_returns"]) + 2 * (
-        result["vector_steps"] - mid["vector_steps"]
+    assert len(mid.episode_returns) > 0
+    assert len(actor.stats().episode_returns) < len(mid.episode_returns) + 2 * (
+        result.vector_steps - mid.vector_steps
     )
     actor.close()
 
@@ -289,12 +289,12 @@ def test_weights_are_polled_and_pushes_tagged(ray_local, redis_url):
     actor = ApexActor(cfg, 0, redis_url, weight_store=store, inference_dtype="float32")
     obs, _ = actor.current_stacks()
     actor.run(max_steps=4)
-    assert actor.stats()["weight_version"] == 0
+    assert actor.stats().weight_version == 0
     net = QNetwork(actor.num_actions, dueling=cfg.learner.dueling)
     weights = weights_to_numpy(net)
     ray.get(store.publish.remote(3, [ray.put(weights)]))
     deadline = time.monotonic() + 20
-    while actor.stats()["weight_version"] != 3:
+    while actor.stats().weight_version != 3:
         assert time.monotonic() < deadline, "weights never arrived"
         actor.run(max_steps=2)
     with torch.inference_mode():
@@ -326,15 +326,15 @@ def test_decaying_schedule_continues_from_schedule_frames(redis_url):
     actor = ApexActor(linear_cfg(), 0, redis_url)
     try:
         s1 = actor.run(max_steps=10)
-        assert s1["schedule_frames"] == s1["frames"] == 10 * 2  # Catch: 1 frame per step
+        assert s1.schedule_frames == s1.frames == 10 * 2  # Catch: 1 frame per step
         s2 = actor.run(max_steps=5, schedule_frames=300)  # e.g. the frames of a crashed incarnation
-        assert s2["frames"] == 15 * 2
-        assert s2["schedule_frames"] == 300 + 5 * 2
+        assert s2.frames == 15 * 2
+        assert s2.schedule_frames == 300 + 5 * 2
         # epsilons of the last step were set before it stepped (frames 300 + 4 steps x 2 envs)
         expect = decayed_epsilon("linear", 1.0, 0.0, 400, 300 + 4 * 2)
         assert actor.epsilons() == pytest.approx([expect, expect])
         s3 = actor.run(max_steps=1)  # None: the schedule stays where it is
-        assert s3["schedule_frames"] == 300 + 6 * 2
+        assert s3.schedule_frames == 300 + 6 * 2
     finally:
         actor.close()
 
@@ -350,22 +350,22 @@ def test_fleet_restart_after_kill_continues_the_decaying_schedule(ray_local, red
     fleet = ActorFleet(cfg, [redis_url], start_frames=1000)
     try:
         deadline = time.monotonic() + 60
-        while fleet.poll(timeout=2.0)["frames"] < 200:
+        while fleet.poll(timeout=2.0).frames < 200:
             assert time.monotonic() < deadline, "the actor made no frames"
         before = fleet.actors[0].last
-        assert before["schedule_frames"] == 1000 + before["frames"]  # the resumed share
+        assert before.schedule_frames == 1000 + before.frames  # the resumed share
         os.kill(ray.get(fleet.actors[0].handle.pid.remote()), signal.SIGKILL)
         while True:
             assert time.monotonic() < deadline + 60, "the killed actor never ran again"
             stats = fleet.poll(timeout=2.0)
             last = fleet.actors[0].last
-            if fleet.actors[0].restarts and last.get("restarted") and last["frames"] > 0:
+            if fleet.actors[0].restarts and last is not None and last.restarted and last.frames > 0:
                 break
         # The new incarnation counts its own frames from 0, but its schedule
         # goes on from the frames of the first one (not from 0 or from 1000).
-        assert last["frames"] < before["frames"] + last["frames"] <= stats["frames"]
-        assert last["schedule_frames"] >= 1000 + before["frames"] + last["frames"]
-        assert last["epsilon_max"] < before["epsilon_max"]
+        assert last.frames < before.frames + last.frames <= stats.frames
+        assert last.schedule_frames >= 1000 + before.frames + last.frames
+        assert last.epsilon_max < before.epsilon_max
     finally:
         fleet.stop()
         ray.kill(store)

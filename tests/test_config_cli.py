@@ -206,3 +206,17 @@ def test_cli_unreachable_ray_address(tmp_path, redis_url):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "cannot reach Ray at '127.0.0.1:1'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--seed", "-1"], "--seed=-1 must be in [0, 2147483640]"),
+        (["--seed", str(2**31)], "--seed=2147483648 must be in"),
+        (["--episodes", "0"], "--episodes=0 must be in [1, 1_000_000]"),
+        (["--epsilon", "nan"], "--epsilon=nan must be in [0, 1]"),
+    ],
+)
+def test_evaluate_bad_numbers_exit_2(argv, fragment, tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "none.pt"), *argv]) == 2
+    assert fragment in capsys.readouterr().err

@@ -26,6 +26,7 @@ import getpass
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -557,6 +558,16 @@ def test_cluster_yaml_passes_ray_validation(path):
     assert "ray start --head" in head_cmds and "--port=6380" in head_cmds
     assert "RAY_AUTH_MODE=" in head_cmds
     assert "start-redis.sh" in head_cmds
+    # secure defaults: token auth on every node (the token file copied to each),
+    # the dashboard on the head's loopback (ray dashboard tunnels to it), nothing
+    # bound to every interface
+    worker_cmds = " ".join(cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head_cmds
+    assert "RAY_AUTH_MODE=token ray start --address" in worker_cmds
+    assert "--dashboard-host=127.0.0.1" in head_cmds
+    assert raw["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    everything = yaml.safe_dump(raw)
+    assert "0.0.0.0" not in everything and "RAY_AUTH_MODE=disabled" not in everything
     if raw["provider"]["type"] == "local":
         assert raw["provider"]["head_ip"] == "127.0.0.1"
         assert raw["provider"]["worker_ips"] == []
@@ -607,7 +618,7 @@ while time.time() < deadline:
             continue
         try:
             h = ray.get_actor(name, namespace=a["namespace"])
-            v = ray.get(h.stats.remote(reset_episodes=False), timeout=5)["weight_version"]
+            v = ray.get(h.stats.remote(reset_episodes=False), timeout=5).weight_version
             best[name] = max(best.get(name, -1), v)
         except Exception:
             pass
@@ -772,18 +783,22 @@ def test_ray_up_cluster_local(tmp_path):
             # The checkout and its environment are already on this "node": no rsync
             # into ~/apex-dqn, no install; the setup step checks the install instead.
             cfg["file_mounts"] = {}
+            # Token auth as the yaml sets it, with a token file of this test's own
+            # (nothing in ~/.ray is read or written).
+            token = d / "auth_token"
+            token.write_text(secrets.token_hex(16))
+            token.chmod(0o600)
             prefix = (
                 f"export PATH={BIN}:$PATH PYTHONPATH={REPO} APEX_STATE_DIR={state} "
-                f"APEX_REDIS_PORT={rport} APEX_REDIS_HOST=127.0.0.1 RAY_AUTH_MODE=disabled; "
+                f"APEX_REDIS_PORT={rport} APEX_REDIS_HOST=127.0.0.1 RAY_AUTH_MODE=token "
+                f"RAY_AUTH_TOKEN_PATH={token}; "
             )
             cfg["setup_commands"] = [prefix + "python -c 'import ray, torch, ale_py, deploy.cli'"]
             head_cmds = []
             for cmd in cfg["head_start_ray_commands"]:
                 if cmd.strip() == "ray stop":
                     continue  # would stop every Ray on this machine; ours is fresh
-                cmd = cmd.replace("~/apex-dqn/", f"{REPO}/").replace(
-                    "APEX_REDIS_BIND=0.0.0.0", "APEX_REDIS_BIND=127.0.0.1"
-                )
+                cmd = cmd.replace("~/apex-dqn/", f"{REPO}/")
                 if "ray start" in cmd:
                     argv = shlex.split(cmd.split("ray start", 1)[1])
                     for flag, value in {

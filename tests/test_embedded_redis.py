@@ -1,14 +1,18 @@
-"""The embedded redis-server never outlives the process that started it."""
+"""The embedded redis-server: never outlives its driver, locked down, supervised."""
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
+import redis
+
+from replay_server.redis_proc import EmbeddedRedis, RedisSupervisor
 
 SCRIPT = """
 import sys, time
@@ -40,3 +44,69 @@ def test_redis_server_stops_when_its_driver_is_killed(tmp_path):
     while alive(redis_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(redis_pid), "redis-server outlived its driver"
+
+
+def test_clients_cannot_run_dangerous_commands_or_touch_other_keys(tmp_path):
+    with EmbeddedRedis(str(tmp_path / "r")) as srv:
+        client = redis.Redis.from_url(srv.url)
+        client.set(b"apex:v2:x", b"1")  # its namespace: fine
+        assert client.info("memory")["used_memory"] > 0  # memory figures: fine
+        for command in (
+            ("CONFIG", "SET", "dir", str(tmp_path)),
+            ("SAVE",),
+            ("MODULE", "LIST"),
+            ("DEBUG", "SLEEP", "0"),
+            ("FLUSHALL",),
+            ("KEYS", "*"),
+            ("REPLICAOF", "NO", "ONE"),
+            ("SHUTDOWN",),
+            ("ACL", "LIST"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                client.execute_command(*command)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set(b"elsewhere", b"1")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host=srv.host, port=srv.port).ping()  # no password: refused
+        assert redis.Redis.from_url(srv.admin_url).config_get("maxmemory-policy") == {
+            "maxmemory-policy": "noeviction"
+        }
+
+
+def test_no_secret_on_disk_or_in_argv_and_private_files(tmp_path):
+    data = tmp_path / "r"
+    with EmbeddedRedis(str(data), maxmemory=64 << 20) as srv:
+        client = redis.Redis.from_url(srv.url)
+        client.set(b"apex:v2:x", b"1")
+        argv = open(f"/proc/{srv.pid}/cmdline", "rb").read()
+        assert srv.password.encode() not in argv
+        assert int(client.info("memory")["maxmemory"]) == 64 << 20
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert files, "the server wrote no files"
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+        assert srv.password.encode() not in path.read_bytes(), path
+
+
+def test_bad_data_dir_is_refused_before_starting(tmp_path):
+    with pytest.raises(ValueError, match="quote, backslash or line break"):
+        EmbeddedRedis(str(tmp_path / 'a"\nsave 1 1'))
+
+
+def test_supervisor_restarts_a_killed_server_with_its_data(tmp_path):
+    srv = EmbeddedRedis(str(tmp_path / "r"))
+    sup = RedisSupervisor([srv], period=0.1, log_fn=lambda _msg: None)
+    try:
+        client = redis.Redis.from_url(srv.url)
+        client.set(b"apex:v2:kept", b"yes")
+        first = srv.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (sup.restarts < 1 or not srv.alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sup.restarts == 1 and srv.alive and srv.pid != first
+        assert client.get(b"apex:v2:kept") == b"yes"  # same port, password and AOF
+    finally:
+        sup.stop()
+        srv.stop()

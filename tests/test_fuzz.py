@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+import redis
 
 from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch
 from common.wire import (
@@ -37,6 +38,11 @@ from common.wire import (
     encode_batch,
     train_zstd_dictionary,
 )
+from replay_server.namespace import NamespaceError, ReplayIdentity
+from replay_server.redis_proc import EmbeddedRedis
+from replay_server.shard import RECORD_DTYPE, ReplayShard
+from replay_server.synthetic import SyntheticActor
+from replay_server.writer import ReplayWriter
 
 Case = tuple[str, Any]  # (kind of case, the input)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -350,3 +356,190 @@ def test_msgpack_bomb_builds_nothing_big():
     finally:
         tracemalloc.stop()
     assert peak < 4 * len(bomb), peak
+
+
+# ---- the replay shard: ingest of hostile pushes, reload of a corrupted Redis -----
+#
+# Rejections here are counted by the shard, not raised: after every case the
+# shard must still be consistent (every stored record valid, sampling works) and
+# every push must be accounted for (decoded and received, or malformed).
+
+SHARD_CAP = 512
+IDENTITY = ReplayIdentity("PongNoFrameskip-v4", 6, "lz4", 3, 0.99)
+
+
+@pytest.fixture(scope="module")
+def fuzz_redis(tmp_path_factory):
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("fuzz-redis")), appendonly=False)
+    yield server
+    server.stop()
+
+
+def _fresh_replay(server, pong_frames):
+    """An empty namespace, a shard, and real pushes (their frames stored)."""
+    admin = redis.Redis.from_url(server.admin_url)
+    admin.flushall()
+    shard = ReplayShard(server.url, SHARD_CAP, identity=IDENTITY, seed=0)
+    writer = ReplayWriter(server.url)
+    actor = SyntheticActor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    pushes = []
+    for _ in range(6):
+        fids, frames, batch = actor.push(8)
+        writer.push(fids, frames, batch, 0, 0)
+        pushes.append(encode_batch(batch, 0, 0, fids))
+    while shard.ingest():
+        pass
+    return admin, shard, writer, pushes
+
+
+def assert_consistent(shard: ReplayShard) -> None:
+    assert 0 <= shard.size <= SHARD_CAP
+    assert np.isfinite(shard._tree.total) and shard._tree.total >= 0
+    s = shard.sample(64)
+    if len(s):
+        assert ((s.actions >= 0) & (s.actions < IDENTITY.num_actions)).all()
+        assert ((s.discounts >= 0) & (s.discounts <= 1)).all() and np.isfinite(s.returns).all()
+        assert (s.keys >= shard._first).all() and (s.keys < shard._next).all()
+
+
+def hostile_pushes(rng: np.random.Generator, pushes: list[bytes], incarnation: int) -> list[Case]:
+    good = msgpack.unpackb(pushes[0], raw=False)
+    n = good["n"]
+    out: list[Case] = [mutate(rng, pushes[int(rng.integers(0, len(pushes)))]) for _ in range(700)]
+    out += [("random", random_bytes(rng, int(rng.integers(0, 300)))) for _ in range(100)]
+
+    def field(name: str, dtype: str, value: Any) -> bytes:
+        arr = np.frombuffer(good[name], dtype).copy()
+        arr[int(rng.integers(0, arr.size))] = value
+        return msgpack.packb({**good, name: arr.tobytes()})
+
+    for value in (-5, 99, 6, 2**40, -(2**62)):
+        out.append(("action", field("actions", "<i8", value)))
+    for value in (1e30, -0.5, 1.0001, np.nan, np.inf):
+        out.append(("discount", field("discounts", "<f4", value)))
+    for value in (3e38, -1.0, np.nan, np.inf, 1e7):
+        out.append(("priority", field("priorities", "<f4", value)))
+    for value in (np.inf, -np.inf, np.nan, 1e20):
+        out.append(("return", field("returns", "<f4", value)))
+    for value in (0, -1, 2**62, (incarnation + 99) << 40):
+        out.append(("frame-ref", field("obs_ids", "<i8", value)))
+    for ids in (
+        np.arange(4, dtype=np.int64) + ((incarnation + 7) << 40),  # another writer's
+        np.array([1, 5, 9], np.int64) + (incarnation << 40),  # not one run
+        np.array([-3, -2, -1], np.int64),
+        np.arange(2**16, dtype=np.int64) + (incarnation << 40),  # a giant claimed run
+    ):
+        out.append(("frame-ids", msgpack.packb({**good, "frame_ids": ids.astype("<i8").tobytes()})))
+    for claimed in (0, n + 1, 2**31):
+        out.append(("n", msgpack.packb({**good, "n": claimed})))
+    return out
+
+
+def test_fuzz_shard_ingest(fuzz_redis, pong_frames):
+    admin, shard, writer, pushes = _fresh_replay(fuzz_redis, pong_frames)
+    cases = hostile_pushes(np.random.default_rng(11), pushes, writer.incarnation)
+    keys = shard.keys
+    for start in range(0, len(cases), 16):  # 16 pushes per ingest round
+        chunk = cases[start : start + 16]
+        before = shard.stats()
+        admin.rpush(keys.incoming, *[inp for _, inp in chunk])
+        try:
+            while shard.ingest():
+                pass
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"ingest of {[k for k, _ in chunk]} raised {type(exc).__name__}: {exc}")
+        after = shard.stats()
+        assert admin.llen(keys.incoming) == 0  # every push consumed
+        took = (after.malformed - before.malformed) + (after.received > before.received)
+        assert took >= 1, [k for k, _ in chunk]  # counted, not silently lost
+        assert after.inserted_total - before.inserted_total <= after.received - before.received
+        assert_consistent(shard)
+    st = shard.stats()
+    assert st.malformed > 100 and st.rejected > 10 and st.dangling > 0, st
+    assert len(cases) >= 800
+
+
+def corruptions(rng: np.random.Generator, admin: redis.Redis, keys) -> list[Case]:
+    """(kind, (key, new value or None to delete, redis type)) for one stored key."""
+    stored = {
+        "meta": admin.hgetall(keys.meta),
+        "groups": admin.hgetall(keys.groups),
+        "identity": admin.hgetall(keys.identity),
+    }
+    chunk = admin.get(keys.records(0))
+    prio = admin.get(keys.priorities)
+    out: list[Case] = []
+    for name, value in stored["meta"].items():
+        for bad in (b"-1", b"x", b"1e9", str(2**63).encode(), str(2**45).encode(), b""):
+            out.append((f"meta-{name.decode()}", ("hset", keys.meta, {name: bad})))
+        out.append(
+            (f"meta-{name.decode()}-bits", ("hset", keys.meta, {name: flip_bits(rng, value)}))
+        )
+    out.append(("meta-unknown-field", ("hset", keys.meta, {b"zzz": b"1"})))
+    for gid, value in list(stored["groups"].items())[:3]:
+        for _ in range(8):
+            out.append(("group", ("hset", keys.groups, {gid: mutate(rng, value)[1]})))
+        huge = struct.pack("<qqq", 0, 1 << 40, 1 << 36)  # claims 2**36 frame ids
+        out.append(("group-huge", ("hset", keys.groups, {gid: huge})))
+    for _ in range(20):
+        out.append(("chunk", ("set", keys.records(0), mutate(rng, chunk)[1])))
+    records = np.frombuffer(chunk, RECORD_DTYPE).copy()
+    for fieldname, value in (
+        ("action", 99),
+        ("action", -1),
+        ("disc", 1e30),
+        ("prio", np.nan),
+        ("ret", np.inf),
+    ):
+        bad = records.copy()
+        bad[fieldname][int(rng.integers(0, 40))] = value
+        out.append((f"record-{fieldname}", ("set", keys.records(0), bad.tobytes())))
+    for _ in range(10):
+        out.append(("priorities", ("set", keys.priorities, mutate(rng, prio)[1])))
+    out.append(("priorities-claim", ("set", keys.priorities, struct.pack("<qq", 0, 2**40))))
+    for _ in range(4):
+        out.append(("identity", ("hset", keys.identity, {b"n_step": random_bytes(rng, 4)})))
+    out.append(("identity-other-game", ("hset", keys.identity, {b"env_id": b"ALE/Breakout-v5"})))
+    out.append(("foreign-chunk", ("set", keys.records(10**9), b"x")))
+    out.append(("wrong-type", ("del+lpush", keys.meta, b"x")))
+    return out
+
+
+def test_fuzz_shard_reload(fuzz_redis, pong_frames):
+    admin, shard, _, _ = _fresh_replay(fuzz_redis, pong_frames)
+    shard.snapshot()
+    names = [k for k in admin.scan_iter(match=shard.keys.pattern(), count=1000)]
+    saved = {k: admin.dump(k) for k in names}
+    cases = corruptions(np.random.default_rng(5), admin, shard.keys)
+    refused = loaded = 0
+    for kind, (op, key, value) in cases:
+        pipe = admin.pipeline(transaction=False)
+        pipe.flushall()
+        for k, dumped in saved.items():
+            pipe.restore(k, 0, dumped)
+        pipe.execute()
+        if op == "hset":
+            admin.hset(key, mapping=value)
+        elif op == "set":
+            admin.set(key, value)
+        else:
+            admin.delete(key)
+            admin.lpush(key, value)
+        measure = "huge" in kind or "claim" in kind or kind.startswith("meta-")
+        if measure:
+            tracemalloc.start()
+        try:
+            fresh = ReplayShard(fuzz_redis.url, SHARD_CAP, identity=IDENTITY, seed=0)
+            peak = tracemalloc.get_traced_memory()[1] if measure else 0
+        except NamespaceError:
+            refused += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"reload after {kind} raised {type(exc).__name__}: {exc}")
+        finally:
+            if measure:
+                tracemalloc.stop()
+        assert peak < 32 << 20, (kind, peak)  # bounded: no claimed size is allocated
+        assert_consistent(fresh)
+        loaded += 1
+    assert refused > 10 and loaded > 10, (refused, loaded)

@@ -34,6 +34,6 @@ def test_shard_as_ray_actor_feeds_the_sampler(ray_local, redis_url, pong_frames,
             break
         time.sleep(0.05)
     assert (got == 9.0).all()
-    assert shard.stats()["size"] >= 100
+    assert shard.stats().size >= 100
     ray.get(handle.stop.remote())
     ray.kill(handle)

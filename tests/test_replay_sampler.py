@@ -51,7 +51,7 @@ def delete_early_frames(url: str, pushed: TransitionBatch) -> np.ndarray:
 def test_importance_weights_on_known_priorities(redis_url, make_pong_actor, pong_frames):
     alpha, beta = 0.5, 0.7
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, alpha=alpha)
-    n = shard.stats()["size"]
+    n = shard.stats().size
     prios = (np.arange(n) % 7 + 1).astype(np.float32)
     shard.update_priorities(np.arange(n), prios)
     sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
@@ -71,7 +71,7 @@ def test_two_shards_are_sampled_in_proportion_to_total_priority(
     url_b = redis_url[: redis_url.rfind("/")] + "/1"  # a second database of the same server
     a = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, seed=1, alpha=1.0)
     b = filled_shard(url_b, make_pong_actor, pong_frames, pushes=2, seed=2, alpha=1.0)
-    na, nb = a.stats()["size"], b.stats()["size"]
+    na, nb = a.stats().size, b.stats().size
     a.update_priorities(np.arange(na), np.full(na, 1.0))
     b.update_priorities(np.arange(nb), np.full(nb, 3.0 * na / nb))  # total_b = 3 * total_a
     sampler = ReplaySampler([a, b], [redis_url, url_b], min_size=1, seed=0)
@@ -157,7 +157,7 @@ def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, 
                 nones += 1
                 continue
             sampled += len(batch)
-            inserted = shard.stats()["inserted_total"]  # read after the sample: an upper bound
+            inserted = shard.stats().inserted_total  # read after the sample: an upper bound
             assert sampled <= spi * (inserted - min_size) + tol, (sampled, inserted)
             checks += 1
         assert checks > 10
@@ -180,7 +180,7 @@ def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, 
 
 def test_min_size_gates_sampling(redis_url, make_pong_actor, pong_frames):
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=1)
-    n = shard.stats()["size"]
+    n = shard.stats().size
     sampler = ReplaySampler([shard], [redis_url], min_size=n + 1, wait_timeout=0.1)
     assert sampler.sample(8, 0.4) is None
     assert ReplaySampler([shard], [redis_url], min_size=n).sample(8, 0.4) is not None

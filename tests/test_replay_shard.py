@@ -76,11 +76,11 @@ def test_frames_stored_once_and_stacks_rebuilt_exactly(redis_url, make_pong_acto
     fill(redis_url, actor, shard, pushes=10, steps=20, mirror=mirror, writer=writer)
     everything = mirror.all
     n = len(everything)
-    assert shard.stats()["size"] == n == shard.stats()["inserted_total"]
+    assert shard.stats().size == n == shard.stats().inserted_total
     # Each frame once: one key per pushed frame id, values of one encoded frame.
     stored = frame_keys(client)
     assert stored == set(KEYS.frames(np.array(list(mirror.frames), np.int64)))
-    assert shard.stats()["frames_stored"] == len(mirror.frames) == 4 * 201
+    assert shard.stats().frames_stored == len(mirror.frames) == 4 * 201
     assert len(mirror.frames) < 2 * n  # frames are shared by stacks, not copied per transition
     if codec == "zstd-dict":
         assert client.get(KEYS.dictionary) is not None
@@ -112,8 +112,8 @@ def test_fifo_eviction_frees_frames_no_live_transition_needs(redis_url, make_pon
         everything = mirror.all
         n = len(everything)
         st = shard.stats()
-        assert st["size"] == min(n, cap) and st["evictions"] == max(0, n - cap)
-        lo = n - st["size"]
+        assert st.size == min(n, cap) and st.evictions == max(0, n - cap)
+        lo = n - st.size
         needed = set(everything.obs_ids[lo:].ravel().tolist()) | set(
             everything.next_obs_ids[lo:].ravel().tolist()
         )
@@ -123,9 +123,9 @@ def test_fifo_eviction_frees_frames_no_live_transition_needs(redis_url, make_pon
         assert len(stored - needed) <= 4 * 20 + 4, (
             f"push {i}: {len(stored - needed)} dead frames kept"
         )
-        assert st["frames_stored"] == len(stored)
+        assert st.frames_stored == len(stored)
         # Samples come only from the live (newest) slots, in FIFO order.
-        keys = shard.sample(64, 0.4)["keys"]
+        keys = shard.sample(64).keys
         assert keys.min() >= lo and keys.max() < n
     assert not any((make_frame_id(writer.incarnation, c) in stored) for c in range(40))
     # A priority update for an evicted slot is ignored; a live one applies.
@@ -140,11 +140,11 @@ def test_sampled_frequencies_follow_priorities(redis_url, make_pong_actor, pong_
     writer = ReplayWriter(redis_url)
     actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
     fill(redis_url, actor, shard, pushes=1, steps=13, writer=writer)
-    n = shard.stats()["size"]
+    n = shard.stats().size
     keys = np.arange(n)
     prios = np.linspace(0.1, 5.0, n)
     shard.update_priorities(keys, prios)
-    draws = np.concatenate([shard.sample(512, 0.4)["keys"] for _ in range(80)])
+    draws = np.concatenate([shard.sample(512).keys for _ in range(80)])
     expected = prios**alpha / (prios**alpha).sum() * draws.size
     observed = np.bincount(draws, minlength=n)
     chi2 = ((observed - expected) ** 2 / expected).sum()
@@ -175,7 +175,7 @@ def test_malformed_entries_are_skipped_and_counted(redis_url, make_pong_actor, p
     writer.push(fids, frames, batch, 0, 0)
     assert shard.ingest() == len(batch)
     st = shard.stats()
-    assert st["malformed"] == 3 and st["dangling"] == 3 and st["size"] == len(batch)
+    assert st.malformed == 3 and st.dangling == 3 and st.size == len(batch)
 
 
 def test_unreachable_redis_is_reported_without_the_password(tmp_path, pong_frames, make_pong_actor):
@@ -190,7 +190,7 @@ def test_unreachable_redis_is_reported_without_the_password(tmp_path, pong_frame
         writer.push(fids, frames, batch, 0, 0)
     assert "s3cret-pw" not in str(err.value)
     with pytest.raises(
-        ReplayUnavailable, match="cannot reach Redis at redis://:\\*\\*\\*@127"
+        ReplayUnavailable, match="cannot reach Redis at redis://apex:\\*\\*\\*@127"
     ) as err:
         connect(url, timeout=0.5)
     assert "s3cret-pw" not in str(err.value) and "omit --redis-url" in str(err.value)

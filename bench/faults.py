@@ -1,0 +1,319 @@
+"""What each fault costs a real training run: seconds to recover, transitions lost.
+
+Runs `apex-dqn train` (Pong, small settings) as a subprocess and injects real
+faults while it trains: kill -9 of the embedded redis-server (the driver
+restarts it), of the replay shard's process and of an actor's process (Ray
+restarts them); then, against a test-owned "external" redis-server: kill -9 and
+a restart 10 s later, ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
+*empty* (its data directory deleted). Prints ONE JSON object:
+
+* per fault: ``recover_s`` = seconds from the fault until the learner has made
+  ``prefetch + loader_workers + 1`` more updates than it had at the fault (so at
+  least one of them sampled after the fault; batches queued before it do not
+  count), from progress lines printed every second;
+* per run: the summary's fault counters next to what was inserted
+  (``transitions_lost`` against ``replay_inserted``).
+
+Baseline: the same run's updates/s before the first fault (``updates_per_s_before``)
+against after the last recovery (``updates_per_s_after``): a fault must not leave
+the run slower.
+
+    python bench/faults.py            # both runs, ~4 minutes on 2 cores
+    python bench/faults.py --only embedded
+
+`TrainingRun` is also the harness of ``tests/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
+
+# Small and fast: learning starts within seconds, progress every second.
+SMALL = [
+    "--env", "PongNoFrameskip-v4",
+    "--actors", "2",
+    "--envs-per-actor", "4",
+    "--min-replay", "400",
+    "--capacity", "20000",
+    "--batch-size", "32",
+    "--samples-per-insert", "0",
+    "--loader-workers", "1",
+    "--prefetch", "2",
+    "--log-every", "1",
+    "--publish-seconds", "1",
+]  # fmt: skip
+PREFETCH, LOADER_WORKERS = 2, 1
+_UPDATES = re.compile(r"\| updates ([0-9.]+)([KMG]?) ")
+_SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
+
+
+def parse_updates(line: str) -> int | None:
+    """The learner's update count in a progress line (SI-rounded above 1,000)."""
+    m = _UPDATES.search(line)
+    return int(float(m.group(1)) * _SCALE[m.group(2)]) if m else None
+
+
+class TrainingRun:
+    """``apex-dqn train`` in a subprocess, its output read line by line (with the
+    time each line arrived), and its processes found among its descendants."""
+
+    def __init__(self, args: list[str], logdir: Path, env: dict[str, str] | None = None):
+        self.logdir = logdir
+        self.summary_path = logdir / "summary.json"
+        environ = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "train", *args,
+             "--logdir", str(logdir), "--summary-json", str(self.summary_path)],
+            cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[tuple[float, str]] = []
+        self.updates = 0
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            now = time.monotonic()
+            with self._lock:
+                self.lines.append((now, line.rstrip("\n")))
+                n = parse_updates(line)
+                if n is not None and line.startswith("[apex] frames"):
+                    self.updates = max(self.updates, n)
+
+    def text(self) -> str:
+        with self._lock:
+            return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, cond, timeout: float, what: str) -> float:
+        """Wait until ``cond()`` holds; returns the time it did. Fails with the log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return time.monotonic()
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"the run exited ({self.proc.returncode}) before {what}:\n{self.tail()}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.tail()}")
+
+    def wait_updates(self, more_than: int, timeout: float, what: str) -> float:
+        return self.wait_for(lambda: self.updates > more_than, timeout, what)
+
+    def wait_line(self, pattern: str, timeout: float, after: float = 0.0) -> float:
+        rx = re.compile(pattern)
+
+        def seen() -> bool:
+            with self._lock:
+                return any(t >= after and rx.search(line) for t, line in self.lines)
+
+        return self.wait_for(seen, timeout, f"a line matching {pattern!r}")
+
+    def tail(self, n: int = 40) -> str:
+        with self._lock:
+            return "\n".join(line for _, line in self.lines[-n:])
+
+    def descendants(self, marker: str) -> list[psutil.Process]:
+        """This run's processes whose command line starts with ``marker``
+        (``ray::ReplayShard``, ``ray::ApexActor``, or a redis-server path)."""
+        out = []
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                try:
+                    cmd = " ".join(p.cmdline())
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                if cmd.startswith(marker) or (
+                    marker == "redis-server" and "redis-server" in cmd.split(" ")[0]
+                ):
+                    out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+        return out
+
+    def kill9(self, marker: str) -> int:
+        """kill -9 one of this run's processes (waits until one exists)."""
+        self.wait_for(lambda: bool(self.descendants(marker)), 60, f"a {marker} process")
+        proc = self.descendants(marker)[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        return proc.pid
+
+    def finish(self, timeout: float) -> tuple[int, dict[str, Any]]:
+        """Wait for the run to end by itself; returns (exit code, summary)."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(
+                f"the run did not end within {timeout:.0f} s:\n{self.tail()}"
+            ) from None
+        self._reader.join(10)
+        summary = json.loads(self.summary_path.read_text()) if self.summary_path.exists() else {}
+        return code, summary
+
+    def stop(self) -> None:
+        """Make sure nothing of this run is left (SIGTERM, then SIGKILL the group)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+RECOVERED = PREFETCH + LOADER_WORKERS + 1  # updates that must come from after the fault
+
+
+def inject(run: TrainingRun, name: str, fault, timeout: float = 120.0) -> dict[str, Any]:
+    """Run ``fault()`` and time the recovery (see the module docstring)."""
+    at = run.updates
+    t0 = time.monotonic()
+    fault()
+    t1 = run.wait_updates(at + RECOVERED, timeout, f"updates to go on after {name}")
+    return {"fault": name, "updates_at_fault": at, "recover_s": round(t1 - t0, 2)}
+
+
+def rate(run: TrainingRun, t_from: float, t_to: float) -> float:
+    pts = [(t, parse_updates(line)) for t, line in run.lines if t_from <= t <= t_to]
+    pts = [(t, n) for t, n in pts if n is not None]
+    if len(pts) < 2 or pts[-1][0] <= pts[0][0]:
+        return 0.0
+    return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+
+
+def embedded_run(tmp: Path, seconds: float = 100.0) -> tuple[TrainingRun, list[dict], float]:
+    """Faults of the default setup: the driver's own redis-server, the shard, an actor."""
+    run = TrainingRun([*SMALL, "--max-seconds", str(seconds)], tmp / "embedded")
+    run.wait_updates(20, 120, "learning to start")
+    t_first = time.monotonic()
+    faults = [
+        inject(run, "kill -9 redis-server (embedded)", lambda: run.kill9("redis-server")),
+        inject(run, "kill -9 replay shard", lambda: run.kill9("ray::ReplayShard")),
+        inject(run, "kill -9 actor", lambda: run.kill9("ray::ApexActor")),
+    ]
+    return run, faults, t_first
+
+
+def external_run(
+    tmp: Path, seconds: float = 110.0
+) -> tuple[TrainingRun, list[dict], float, EmbeddedRedis]:
+    """Faults of a Redis the run does not own: down for 10 s, OOM, back empty."""
+    import redis
+
+    data = tmp / "external-redis"
+    server = EmbeddedRedis(str(data))
+    run = TrainingRun(
+        [*SMALL, "--max-seconds", str(seconds)],
+        tmp / "external",
+        env={"APEX_REDIS_URL": server.url},
+    )
+    state = {"server": server}
+    run.wait_updates(20, 120, "learning to start")
+    t_first = time.monotonic()
+
+    def down_10s() -> None:
+        srv = state["server"]
+        t = time.monotonic()
+        srv.kill()
+        run.wait_line(r"replay: unavailable", 30, after=t)
+        time.sleep(max(0.0, 10.0 - (time.monotonic() - t)))  # the injected outage: 10 s
+        srv.restart()
+
+    def oom_5s() -> None:
+        admin = redis.Redis.from_url(state["server"].admin_url)
+        admin.config_set("maxmemory", 1)
+        t = time.monotonic()
+        run.wait_line(r"replay: unavailable", 30, after=t)
+        time.sleep(max(0.0, 5.0 - (time.monotonic() - t)))  # the injected refusal lasts ~5 s
+        admin.config_set("maxmemory", 0)
+        admin.close()
+
+    def back_empty() -> None:
+        old = state["server"]
+        old.kill()
+        shutil.rmtree(data)
+        state["server"] = EmbeddedRedis(str(data), port=old.port, password=old.password)
+
+    faults = [
+        inject(run, "redis-server down 10 s (external)", down_10s),
+        inject(run, "OOM for 5 s (maxmemory)", oom_5s),
+        inject(run, "redis-server back empty (data lost)", back_empty, timeout=180),
+    ]
+    return run, faults, t_first, state["server"]
+
+
+def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, summary: dict) -> dict:
+    keys = (
+        "replay_inserted", "transitions_lost", "transitions_dropped_by_actors",
+        "transitions_lost_by_redis", "replay_resets", "transitions_lost_in_resets",
+        "replay_outages", "replay_outage_s", "orphan_frames_collected", "shard_restarts",
+        "actor_restarts", "redis_restarts", "updates", "frames",
+    )  # fmt: skip
+    t_last = max(t for t, _ in run.lines)
+    return {
+        "exit_code": code,
+        "faults": faults,
+        "updates_per_s_before": round(rate(run, 0.0, t_first), 2),
+        "updates_per_s_after": round(rate(run, t_last - 20.0, t_last), 2),
+        **{k: summary.get(k) for k in keys},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("embedded", "external"), help="one of the two runs")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="apex-faults-"))
+    out: dict[str, Any] = {}
+    try:
+        if args.only in (None, "embedded"):
+            run, faults, t0 = embedded_run(tmp)
+            try:
+                code, summary = run.finish(300)
+            finally:
+                run.stop()
+            out["embedded"] = _report(run, faults, t0, code, summary)
+        if args.only in (None, "external"):
+            run, faults, t0, server = external_run(tmp)
+            try:
+                code, summary = run.finish(300)
+            finally:
+                run.stop()
+                server.stop()
+            out["external"] = _report(run, faults, t0, code, summary)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

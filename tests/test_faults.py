@@ -1,0 +1,65 @@
+"""Real training runs survive real faults, and their summaries count what each cost.
+
+Each test runs ``apex-dqn train`` (Pong, small settings) as a subprocess through
+`bench.faults.TrainingRun` and injects faults by killing real processes (found
+among the run's descendants) or by breaking a real redis-server the test owns.
+After every fault the learner must go on updating (``prefetch + workers + 1``
+updates more than at the fault, so at least one batch was sampled after it), and
+each run must end by itself (``--max-seconds``) with exit status 0 and a summary
+whose counters match what was injected.
+
+About 2 x 2 minutes on 2 cores (marker ``e2e``: in the default suite, not in the
+fast tier).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.faults import RECOVERED, embedded_run, external_run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+
+def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
+    run, faults, _ = embedded_run(tmp_path, seconds=100)
+    try:
+        code, s = run.finish(timeout=240)
+    finally:
+        run.stop()
+    log = run.text()
+    assert code == 0, log[-4000:]
+    assert [f["fault"] for f in faults] == [
+        "kill -9 redis-server (embedded)",
+        "kill -9 replay shard",
+        "kill -9 actor",
+    ]
+    assert "restarted it on port" in log  # the driver's supervisor
+    assert s["redis_restarts"] == 1 and s["shard_restarts"] == 1 and s["actor_restarts"] >= 1, s
+    assert s["replay_outages"] >= 1 and s["replay_outage_s"] > 0, s
+    assert s["updates"] >= faults[-1]["updates_at_fault"] + RECOVERED
+    assert s["replay_resets"] == 0 and s["replay_rejected"] == 0, s
+    # kill -9 of redis-server may lose what it had acknowledged but not yet
+    # written (appendfsync everysec); actors' buffers never overflowed here.
+    assert s["transitions_dropped_by_actors"] == 0, s
+    assert s["transitions_lost"] == s["transitions_lost_by_redis"] < 2_000, s
+    assert "Traceback" not in log
+
+
+def test_run_survives_an_external_redis_down_full_and_back_empty(tmp_path):
+    run, faults, _, server = external_run(tmp_path, seconds=110)
+    try:
+        code, s = run.finish(timeout=300)
+    finally:
+        run.stop()
+        server.stop()
+    log = run.text()
+    assert code == 0, log[-4000:]
+    assert "replay: unavailable" in log  # said in the progress line
+    assert s["replay_resets"] == 1 and s["transitions_lost_in_resets"] > 0, s
+    assert s["replay_outages"] >= 2, s  # down for 10 s, refusing writes for 5 s
+    assert s["replay_outage_s"] >= 10, s
+    assert s["redis_restarts"] == 0 and s["shard_restarts"] == 0, s
+    assert s["updates"] >= faults[-1]["updates_at_fault"] + RECOVERED
+    assert s["transitions_dropped_by_actors"] == 0, s
+    assert "Traceback" not in log

@@ -1,0 +1,255 @@
+"""The replay under faults and hostile data, against real redis-server processes.
+
+Each test owns its redis-server (an `EmbeddedRedis` on a free port in a tmp dir)
+so that it can refuse writes, lose data or be killed without touching the others.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import redis
+
+from common.types import make_frame_id
+from common.wire import encode_batch
+from replay_server.keys import ReplayKeys
+from replay_server.namespace import (
+    NamespaceError,
+    ReplayIdentity,
+    inspect_namespace,
+    reset_namespace,
+)
+from replay_server.protocol import ReplayUnavailable
+from replay_server.redis_proc import EmbeddedRedis
+from replay_server.shard import RECORD_DTYPE, RECORDS_PER_CHUNK, ReplayShard
+from replay_server.writer import ReplayReset, ReplayWriter
+
+KEYS = ReplayKeys()
+IDENTITY = ReplayIdentity("ALE/Pong-v5", 6, "lz4", 3, 0.99)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = EmbeddedRedis(str(tmp_path / "redis"))
+    yield srv
+    srv.stop()
+
+
+def n_frames(client: redis.Redis) -> int:
+    return sum(1 for _ in client.scan_iter(match=KEYS.frame_pattern(), count=10_000))
+
+
+def push(writer, actor, steps=10):
+    fids, frames, batch = actor.push(steps)
+    writer.push(fids, frames, batch, 0, 0)
+    return fids, frames, batch
+
+
+def test_refused_writes_lose_nothing_and_change_nothing(server, make_pong_actor, pong_frames):
+    """OOM at maxmemory: pushes and ingests fail as outages, nothing is half-written,
+    the index does not move; once memory is back, every queued push is stored."""
+    client = redis.Redis.from_url(server.admin_url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+    queued = [push(writer, actor)[2] for _ in range(3)]
+    assert client.llen(KEYS.incoming) == 3
+    frames_before = n_frames(client)
+    client.config_set("maxmemory", 1)  # everything over the limit: writes refused
+    with pytest.raises(ReplayUnavailable, match="unavailable|refused"):
+        shard.ingest()
+    assert shard.size == 0 and client.llen(KEYS.incoming) == 3  # nothing popped, nothing stored
+    fids, frames, batch = actor.push(10)
+    with pytest.raises(ReplayUnavailable):
+        writer.push(fids, frames, batch, 0, 0)
+    assert n_frames(client) == frames_before  # the refused push wrote no frame
+    client.config_set("maxmemory", 0)
+    writer.push(fids, frames, batch, 0, 0)  # the actor's retry of the same push
+    stored = 0
+    while (n := shard.ingest()) > 0:
+        stored += n
+    assert stored == sum(len(b) for b in queued) + len(batch) == shard.size
+    assert client.llen(KEYS.incoming) == 0 and shard.stats().malformed == 0
+
+
+def test_redis_back_empty_is_detected_and_refilled(server, make_pong_actor, pong_frames):
+    client = redis.Redis.from_url(server.admin_url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    old_epoch = writer.epoch
+    actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+    for _ in range(3):
+        push(writer, actor)
+        shard.ingest()
+    held = shard.size
+    slots_before = shard._next
+    assert held > 0
+    client.flushall()  # what a restart on a lost volume looks like from here
+    assert shard.ingest() == 0  # the round that notices
+    st = shard.stats()
+    assert st.resets == 1 and st.lost_in_resets == held and st.size == 0
+    assert shard._first == shard._next == slots_before  # slots go on (old keys stay invalid)
+    assert client.hget(KEYS.meta, "resets") == b"1"  # the namespace was started again
+    assert ReplayIdentity.from_redis(client.hgetall(KEYS.identity)) == IDENTITY
+    # The writer's old ids are void: its next push registers again and is retried.
+    fids, frames, batch = actor.push(10)
+    with pytest.raises(ReplayReset):
+        writer.push(fids, frames, batch, 0, 0)
+    # A new epoch: in it, incarnations are unique again (writers of the old epoch
+    # can never write into the new one, so old and new numbers never meet).
+    assert writer.epoch != old_epoch and writer.resets == 1
+    fresh = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+    push(writer, fresh)
+    assert shard.ingest() > 0 and shard.size > 0  # refilling
+
+
+def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, pong_frames):
+    """Redis restarts on an older copy of its AOF (a machine crash inside the fsync
+    window): the shard reloads its index from what Redis holds and counts the rest."""
+    data = tmp_path / "redis"
+    srv = EmbeddedRedis(str(data))
+    try:
+        shard = ReplayShard(srv.url, capacity=5_000, identity=IDENTITY)
+        writer = ReplayWriter(srv.url)
+        actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+        push(writer, actor)
+        shard.ingest()
+        kept = shard.size
+        srv.stop()  # a clean stop flushes the AOF; copy it as "what reached the disk"
+        shutil.copytree(data, tmp_path / "older")
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+        for _ in range(3):
+            push(writer, actor)
+            shard.ingest()
+        ahead = shard.size
+        assert ahead > kept
+        srv.kill()
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "older", data)
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+        assert shard.ingest() == 0  # notices, reloads
+        st = shard.stats()
+        assert st.size == kept and st.lost == ahead - kept and st.resets == 0
+        push(writer, actor)  # and goes on
+        assert shard.ingest() > 0
+    finally:
+        srv.stop()
+
+
+def test_hostile_records_are_rejected_and_counted(server, make_pong_actor, pong_frames):
+    client = redis.Redis.from_url(server.url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    fids, frames, batch = actor.push(20)
+    n = len(batch)
+    bad = {
+        0: ("actions", -5),
+        1: ("actions", 99),
+        2: ("actions", 2**40),
+        3: ("discounts", 1e30),
+        4: ("priorities", 3e38),
+        5: ("returns", np.inf),
+        6: ("priorities", np.nan),
+        7: ("discounts", -0.5),
+    }
+    for row, (name, value) in bad.items():
+        getattr(batch, name)[row] = value
+    writer.push(fids, frames, batch, 0, 0)
+    assert shard.ingest() == n - len(bad)
+    st = shard.stats()
+    assert st.rejected == len(bad) and st.size == n - len(bad)
+    sample = shard.sample(4096)
+    assert sample.actions.min() >= 0 and sample.actions.max() < 6
+    assert (sample.discounts <= 1).all() and np.isfinite(sample.returns).all()
+    # A push whose "new" frames claim another writer's incarnation is refused whole.
+    other = make_frame_id(writer.incarnation + 50, np.arange(4))
+    client.rpush(KEYS.incoming, encode_batch(batch, 0, 0, other))
+    assert shard.ingest() == 0 and shard.stats().rejected == len(bad) + n
+
+
+def test_unsampleable_rows_cannot_starve_sampling(server, make_pong_actor, pong_frames):
+    """A huge-priority row whose frames are gone is removed from the sum tree."""
+    client = redis.Redis.from_url(server.url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    push(writer, actor)
+    shard.ingest()
+    key = shard.sample(1).keys
+    shard.update_priorities(key, np.array([3e38]))  # clipped to MAX_PRIORITY
+    assert shard.get_priorities(key)[0] == pytest.approx(1e6)
+    assert (shard.sample(64).keys == key[0]).mean() > 0.9  # it dominates sampling
+    assert shard.remove(key) == 1
+    assert (shard.sample(64).keys != key[0]).all()  # and is gone from it
+    assert client.llen(KEYS.incoming) == 0
+
+
+def test_orphan_frames_are_swept(server, make_pong_actor, pong_frames):
+    client = redis.Redis.from_url(server.url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    push(writer, actor)
+    shard.ingest()
+    live = n_frames(client)
+    # Orphans: frames nothing refers to (a push that never got ingested, e.g. its
+    # batch was garbage) ...
+    orphan_ids = make_frame_id(writer.incarnation, np.arange(10_000, 10_025))
+    client.mset({k: b"x" for k in KEYS.frames(orphan_ids)})
+    # ... and a queued push whose frames must survive the sweep.
+    fids, frames, batch = actor.push(10)
+    writer.push(fids, frames, batch, 0, 0)
+    assert shard.sweep_orphans() == 25
+    assert n_frames(client) == live + len(fids)
+    assert shard.stats().orphans_collected == 25
+    assert shard.ingest() == len(batch)  # the queued push still resolves
+    assert shard.stats().dangling == 0
+
+
+def test_namespace_identity_and_garbage_are_refused_before_use(
+    server, make_pong_actor, pong_frames
+):
+    client = redis.Redis.from_url(server.admin_url)
+    where = "test redis"
+    args = dict(
+        capacity=5_000,
+        record_size=RECORD_DTYPE.itemsize,
+        records_per_chunk=RECORDS_PER_CHUNK,
+        where=where,
+    )
+    assert inspect_namespace(client, KEYS, IDENTITY, **args) == []  # empty: usable
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    push(writer, actor)
+    shard.ingest()
+    assert inspect_namespace(client, KEYS, IDENTITY, **args) == []
+    breakout = ReplayIdentity("ALE/Breakout-v5", 4, "lz4", 3, 0.99)
+    problems = inspect_namespace(client, KEYS, breakout, **args)
+    assert any("Pong" in p and "Breakout" in p for p in problems)
+    with pytest.raises(NamespaceError, match="other settings"):
+        ReplayShard(server.url, capacity=5_000, identity=breakout)
+    assert any(
+        "capacity" in p
+        for p in inspect_namespace(client, KEYS, IDENTITY, **{**args, "capacity": 9_000})
+    )
+    # Garbage: a foreign key, a key of the wrong type, metadata asking for 64 GiB.
+    client.set(KEYS.prefix + b"zzz", b"1")
+    client.delete(KEYS.groups)
+    client.set(KEYS.groups, b"not a hash")
+    problems = inspect_namespace(client, KEYS, IDENTITY, **args)
+    assert any("unknown key" in p for p in problems) and any("groups" in p for p in problems)
+    client.delete(KEYS.prefix + b"zzz", KEYS.groups)
+    client.hset(KEYS.meta, "capacity", 1 << 45)
+    assert any("capacity" in p for p in inspect_namespace(client, KEYS, IDENTITY, **args))
+    with pytest.raises(NamespaceError):  # refused before allocating anything
+        ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    # --replay-reset deletes the namespace and nothing else.
+    client.set(b"someone-else", b"keep me")
+    assert reset_namespace(client, KEYS, where) > 0
+    assert list(client.scan_iter(match=KEYS.pattern())) == []
+    assert client.get(b"someone-else") == b"keep me"
+    assert inspect_namespace(client, KEYS, IDENTITY, **args) == []
