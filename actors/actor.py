@@ -9,11 +9,12 @@
 1. inference: Q(s, .) for the E current stacks, one batched CPU forward pass
    (``torch.inference_mode``, 1 thread). These Q-values also complete the
    priorities of the transitions emitted by the previous step (their s').
-2. act epsilon-greedily per env (`actors.exploration`).
+2. act epsilon-greedily per env (rates from `actors.exploration`).
 3. env: step the E envs (one ALE thread); every returned frame is new and gets
    the next frame id; the NEXT_STEP ``reset`` rows start a new stack and yield
    no transition.
-4. n-step (`actors.nstep`) on clipped rewards; raw returns go to the episode log.
+4. n-step (`common.nstep`) on clipped rewards, terminal at game over or (with
+   ``--episodic-life``) a lost life; raw returns of whole games go to the episode log.
 5. every ``push_every`` steps, push all new frames and transitions in one round
    trip through the `actors.outbox.ReplayOutbox`, which keeps them (bounded by
    ``local_buffer`` transitions, oldest dropped and counted) and retries with
@@ -40,13 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.exploration import Exploration, epsilon_greedy
-from actors.nstep import NStepAccumulator, PendingTransitions
+from actors.exploration import Exploration
 from actors.outbox import ReplayOutbox
 from actors.policy import ActingNetwork
-from actors.stacks import FrameStacker
 from common.config import Config
 from common.env import make_vector_env
+from common.exploration import epsilon_greedy
+from common.nstep import NStepAccumulator, PendingTransitions
+from common.stacking import FrameStacker
 from common.types import TransitionBatch
 from common.weights import WeightSubscriber
 
@@ -226,7 +228,7 @@ class ApexActor:
             self._eps = self.exploration.epsilons(self.schedule_frames())
             actions = self.last_actions = epsilon_greedy(q, self._eps, self._rng)
             t1 = time.perf_counter()
-            frames, raw, term, trunc, reset = self._env.step(actions)
+            frames, raw, term, trunc, reset, life_lost = self._env.step(actions)
             t2 = time.perf_counter()
             counters = self._new_counters(frames)
             obs_ids = self._stacker.ids.copy()
@@ -234,8 +236,9 @@ class ApexActor:
             active = ~reset
             rewards = np.sign(raw) if self.cfg.env.clip_rewards else raw
             self._pending = self._nstep.add(
-                obs_ids, actions, rewards, q[rows, actions], self._stacker.ids, term, trunc, active
-            )
+                obs_ids, actions, rewards, q[rows, actions], self._stacker.ids,
+                term | life_lost, trunc, active,
+            )  # fmt: skip
             self._log_episodes(raw, term | trunc, active)
             t3 = time.perf_counter()
             steps += 1

@@ -9,6 +9,10 @@ The decaying schedules (``exp``, ``linear``) give every env the same rate, going
 from ``eps_start`` to ``eps_end`` over ``eps_decay_frames`` emulator frames counted
 by this actor (a restarted actor starts its schedule again: the rate is a function
 of frames, not of learner progress).
+
+With one env in the whole run (``N = 1``) every step explores at ``eps_base``
+(0.4): nothing acts greedily-most; `single_env_warning` says so at start.
+Acting on the rates is `common.exploration.epsilon_greedy`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def decayed_epsilon(kind: str, start: float, end: float, decay_frames: int, fram
     raise ValueError(f"unknown epsilon schedule {kind!r}; choose apex, exp or linear")
 
 
+def single_env_warning(cfg: ActorConfig, num_actors: int) -> str | None:
+    """A warning when the Ape-X rates give every env ``eps_base`` (one env in the run)."""
+    if cfg.exploration != "apex" or num_actors * cfg.envs_per_actor > 1:
+        return None
+    return (
+        f"one env in the whole run: Ape-X exploration gives it epsilon {cfg.eps_base} "
+        "for every step (the spread 0.4 ** (1 + 7 i / (N - 1)) needs N > 1 envs); "
+        "use more --envs-per-actor, or --exploration linear|exp for one decaying rate"
+    )
+
+
 class Exploration:
     """Per-env epsilons of one actor: ``epsilons(frames) -> float64[E]``.
 
@@ -67,12 +82,3 @@ class Exploration:
         c = self.cfg
         eps = decayed_epsilon(c.exploration, c.eps_start, c.eps_end, c.eps_decay_frames, frames)
         return np.full(self.num_envs, eps, dtype=np.float64)
-
-
-def epsilon_greedy(q: np.ndarray, eps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Actions int64[E] from Q-values float32[E, A] and rates float64[E]."""
-    num_envs, num_actions = q.shape
-    greedy = q.argmax(axis=1)
-    explore = rng.random(num_envs) < eps
-    random_actions = rng.integers(0, num_actions, size=num_envs)
-    return np.where(explore, random_actions, greedy).astype(np.int64)

@@ -17,8 +17,14 @@ other processes on a shared machine hits both alike.
 * ``data_wait_fraction``: fraction of the fed phase's wall time spent in
   ``loader.get`` (the loop's own definition).
 * on CUDA also ``ceiling_512_updates_per_s`` (Ape-X's batch size).
+* ``dtype``: the learner's precision (``--dtype``: auto, float32, bfloat16; see
+  `learner.learner`: bfloat16 runs the conv torso under autocast, the heads and
+  the loss stay float32) and ``dtype_reason``. With bfloat16, a float32 learner's
+  ceiling is measured in the same alternating rounds
+  (``ceiling_float32_updates_per_s``) and ``bf16_speedup`` = ceiling / that.
 
     python bench/learner.py --device cpu                 # batch 64, ~1 min on 2 cores
+    python bench/learner.py --device cpu --dtype float32 --seconds 6
     python bench/learner.py --device cuda --seconds 20   # batch 512
 """
 
@@ -43,8 +49,8 @@ from learner.loop import PriorityWriter  # noqa: E402
 
 def fill_replay(url: str, transitions: int, codec: str, seed: int) -> tuple[object, float]:
     """A ReplayShard on ``url`` holding ``transitions`` real Pong transitions."""
+    from bench.synthetic import SyntheticActor
     from replay_server.shard import ReplayShard
-    from replay_server.synthetic import SyntheticActor
     from replay_server.writer import ReplayWriter
 
     t0 = time.perf_counter()
@@ -109,12 +115,18 @@ class Fed:
         return self.n / self.elapsed
 
 
-def measure(learner: Learner, sampler, loader, first, args) -> tuple[Ceiling, Fed]:
-    """Warm both up, then alternate short ceiling and fed phases (``--rounds``), so
-    that load from other processes on a shared machine hits both alike."""
+def measure(
+    learner: Learner, sampler, loader, first, args, f32: Learner | None = None
+) -> tuple[Ceiling, Fed, Ceiling | None]:
+    """Warm them up, then alternate short ceiling and fed phases (``--rounds``) (and
+    the float32 ceiling when ``f32`` is given), so that load from other processes
+    on a shared machine hits them alike."""
     ceil, fed = Ceiling(learner, first), Fed(learner, sampler, loader)
+    ceil32 = Ceiling(f32, first) if f32 is not None else None
     for _ in range(args.warmup):
         learner.update(ceil.dev)
+        if ceil32 is not None:
+            ceil32.learner.update(ceil32.dev)
         b = loader.get(timeout=60)
         fed.writer.put(b.keys, learner.step(b)["priorities"])
     chunk = args.seconds / args.rounds
@@ -122,9 +134,11 @@ def measure(learner: Learner, sampler, loader, first, args) -> tuple[Ceiling, Fe
         for _ in range(args.rounds):
             ceil.run(chunk)
             fed.run(chunk)
+            if ceil32 is not None:
+                ceil32.run(chunk)
     finally:
         fed.writer.close()
-    return ceil, fed
+    return ceil, fed, ceil32
 
 
 def main() -> None:
@@ -139,6 +153,15 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--codec", default="lz4")
     ap.add_argument("--compile", action="store_true", help="torch.compile (cuda)")
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="learner threads; 0 = torch default"
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="learner precision (--learner-dtype); bfloat16 also times a float32 ceiling",
+    )
     args = ap.parse_args()
 
     from replay_server.redis_proc import EmbeddedRedis
@@ -149,7 +172,14 @@ def main() -> None:
     cfg.learner.compile = args.compile
     batch_size = args.batch_size or cfg.batch_size(args.device)
     cfg.learner.batch_size = batch_size
+    cfg.learner.learner_dtype = args.dtype
+    cfg.learner.torch_threads = args.torch_threads
     learner = Learner(cfg, num_actions=6, device=args.device)  # Pong: 6 actions
+    f32 = None
+    if learner.dtype == "bfloat16":
+        cfg32 = Config.from_dict(cfg.to_dict())
+        cfg32.learner.learner_dtype = "float32"
+        f32 = Learner(cfg32, num_actions=6, device=args.device)
 
     with EmbeddedRedis(None, appendonly=False) as server:
         shard, fill_s = fill_replay(server.url, args.transitions, args.codec, seed=0)
@@ -159,7 +189,7 @@ def main() -> None:
             lambda: sampler.sample(batch_size, 0.4), args.loader_workers, args.prefetch
         )
         try:
-            ceil, fed = measure(learner, sampler, loader, first, args)
+            ceil, fed, ceil32 = measure(learner, sampler, loader, first, args, f32)
         finally:
             loader.close()
         ceil_512 = None
@@ -186,6 +216,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "batch_size": batch_size,
         "compile": args.compile,
+        "dtype": learner.dtype,
+        "dtype_reason": learner.dtype_reason,
         "updates_per_s_fed": round(fed.rate, 3),
         "updates_per_s_ceiling": round(ceil.rate, 3),
         "learner_ratio": round(fed.rate / ceil.rate, 3),
@@ -193,6 +225,8 @@ def main() -> None:
         "samples_per_s_fed": round(fed.rate * batch_size, 1),
         "updates_timed": {"ceiling": ceil.n, "fed": fed.n},
         "ceiling_512_updates_per_s": None if ceil_512 is None else round(ceil_512, 3),
+        "ceiling_float32_updates_per_s": None if ceil32 is None else round(ceil32.rate, 3),
+        "bf16_speedup": None if ceil32 is None else round(ceil.rate / ceil32.rate, 3),
         "replay_transitions": replay_size,
         "replay_fill_s": round(fill_s, 1),
         "loader_workers": args.loader_workers,

@@ -40,13 +40,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.synthetic import SyntheticActor, pong_frames  # noqa: E402
 from common.types import FRAME_BYTES, TransitionBatch  # noqa: E402
 from common.wire import CODEC_IDS, FrameCodec, encode_batch, train_zstd_dictionary  # noqa: E402
 from replay_server.keys import ReplayKeys  # noqa: E402
 from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
 from replay_server.sampler import PrefetchLoader, ReplaySampler  # noqa: E402
 from replay_server.shard import ReplayShard  # noqa: E402
-from replay_server.synthetic import SyntheticActor, pong_frames  # noqa: E402
 from replay_server.writer import ReplayWriter  # noqa: E402
 
 NAIVE_BYTES = 2 * 4 * FRAME_BYTES

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.synthetic import pong_frames  # noqa: E402
 from common import wire  # noqa: E402
-from replay_server.synthetic import pong_frames  # noqa: E402
 
 BATCH_FRAMES = 3534
 

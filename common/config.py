@@ -60,7 +60,9 @@ class EnvConfig:
         False, "use all 18 Atari actions instead of the game's minimal set"
     )
     episodic_life: bool = _f(
-        False, "end training episodes on life loss (DQN 2015 trick; off per Machado)"
+        False,
+        "a lost life is a terminal for the learner, the game goes on (DQN 2015; off per "
+        "Machado et al. 2018); ALE only",
     )
     max_episode_frames: int = _f(
         108_000, "emulator frames per episode cap (30 min of play, standard)"
@@ -91,7 +93,11 @@ class ReplayConfig:
         ("lz4", "zstd", "zstd-dict", "none"),
     )
     alpha: float = _f(0.6, "priority exponent (Schaul et al. 2016, Ape-X)")
-    beta: float = _f(0.4, "importance-weight exponent at start, annealed to 1 (Ape-X)")
+    beta: float = _f(
+        0.4,
+        "importance-weight exponent at start (Ape-X: 0.4), annealed to 1 (Schaul et al. "
+        "2016; Ape-X kept it fixed)",
+    )
     beta_anneal_updates: int = _f(1_000_000, "learner updates over which beta reaches 1")
     samples_per_insert: float = _f(
         8.0,
@@ -153,6 +159,12 @@ class LearnerConfig:
     )
     device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
+    learner_dtype: str = _f(
+        "auto",
+        "precision of the learner's conv torso: bfloat16 (autocast; heads, targets and "
+        "loss stay float32), float32, or auto: bfloat16 where a start-up probe times it faster",
+        ("auto", "float32", "bfloat16"),
+    )
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
 
 
@@ -175,6 +187,26 @@ class RunConfig:
     )
     log_every: float = _f(10.0, "seconds between console progress lines")
     seed: int = _f(0, "base random seed")
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation while training runs (`learner.evaluator`): a separate
+    1-CPU Ray actor plays the newest weights under the published protocol (no
+    sticky actions, up to 30 no-op starts, 108K-frame cap, epsilon 0.001), because
+    the training return mixes every actor's epsilon and is not the policy's score."""
+
+    eval_every_minutes: float = _f(
+        10.0,
+        "minutes between evaluations of the newest weights (the learner never waits "
+        "for one); 0 = off",
+    )
+    eval_episodes: int = _f(
+        10, "episodes per evaluation (10: a mean within a few points on most games)"
+    )
+    eval_video_every: int = _f(
+        5, "every K-th evaluation also writes one MP4 to LOGDIR/videos/; 0 = never"
+    )
 
 
 @dataclass(frozen=True)
@@ -293,6 +325,12 @@ BOUNDS: dict[str, Bound] = {
         2**31 - 1,
         "seeds torch, numpy and ALE, which takes int32 seeds; evaluate seeds env j with seed + j",
     ),
+    # [eval]
+    "eval_every_minutes": Bound(
+        0.01, 10_080, "minutes between evaluations, at most a week", special=((0, "off"),)
+    ),
+    "eval_episodes": Bound(1, 10_000, "whole episodes per evaluation; published tables use 30"),
+    "eval_video_every": Bound(1, 10**6, "evaluations per video", special=((0, "never"),)),
 }
 
 # Paths that end up inside the embedded redis-server's redis.conf (its data directory
@@ -310,6 +348,7 @@ SECTIONS: dict[str, type] = {
     "actor": ActorConfig,
     "learner": LearnerConfig,
     "run": RunConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -320,6 +359,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # ---- construction -------------------------------------------------
     @classmethod

@@ -23,6 +23,17 @@ Autoreset follows gymnasium's NEXT_STEP mode for both kinds: when env i reports
 episode's *final* frame, and the next ``step`` call ignores env i's action, resets
 it and returns the new episode's first frame with reward 0 and both flags False.
 `FrameEnv.step` returns a ``reset`` mask marking those steps.
+
+Episodic life (``--episodic-life``, ALE only) has DQN's meaning (Mnih et al.
+2015): losing a life is a terminal for the learner, but the game goes on, and an
+episode (its return, its frame stack) is a whole game. ale-py's own
+``episodic_life=True`` resets the whole game on a life loss instead (0.12:
+Breakout's lives go 5 -> 4 -> 5), so the agent would never see a second life.
+Hence the vector env always runs with ``episodic_life=False`` and `FrameEnv`
+derives life losses from its ``lives`` info: ``EnvStep.life_lost`` marks them,
+``terminated`` keeps meaning game over (and the NEXT_STEP reset that follows it).
+There is no automatic FIRE after a lost life (only at reset): in games that need
+it, pressing FIRE is part of what the agent learns.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -138,14 +150,40 @@ def resolve_env(env_id: str, cfg: EnvConfig | None = None) -> EnvSpec:
     return spec
 
 
+class EnvStep(NamedTuple):
+    """One vector step of E envs (unpacks like a tuple, in this order).
+
+    frames:     uint8[E, 84, 84]  the new frame of each env
+    rewards:    float32[E]        raw (unclipped) rewards
+    terminated: bool[E]           the game is over (a NEXT_STEP reset follows)
+    truncated:  bool[E]           the frame cap cut the game (a NEXT_STEP reset follows)
+    reset:      bool[E]           this was env i's NEXT_STEP autoreset step: its
+                                  action was ignored, ``frames[i]`` starts a new game
+    life_lost:  bool[E]           episodic life only (else all False): a life was
+                                  lost at this step; a terminal for the learner,
+                                  but the game (and its stack) goes on
+    """
+
+    frames: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    reset: np.ndarray
+    life_lost: np.ndarray
+
+    @property
+    def learner_terminal(self) -> np.ndarray:
+        """bool[E]: no bootstrap past this step (game over, or a lost life)."""
+        return self.terminated | self.life_lost
+
+
 class FrameEnv:
     """E environments stepped together, emitting preprocessed single frames.
 
     reset(seed) -> uint8[E, 84, 84]
-    step(actions int64[E]) -> (frames uint8[E, 84, 84], rewards float32[E] (raw),
-                               terminated bool[E], truncated bool[E], reset bool[E])
-    ``reset[i]`` marks the NEXT_STEP autoreset step of env i: the action was
-    ignored and ``frames[i]`` is a new episode's first frame. Not thread-safe.
+    step(actions int64[E]) -> `EnvStep`
+    ``lives``: int32[E], each env's lives after the last call (ALE; 0 elsewhere).
+    Not thread-safe.
     """
 
     def __init__(
@@ -156,6 +194,8 @@ class FrameEnv:
         self.frame_skip = FRAME_SKIP if spec.kind == "ale" else 1  # emulator frames per step
         self._seed = seed
         self._done = np.zeros(num_envs, dtype=bool)
+        self.episodic_life = bool(cfg.episodic_life) and spec.kind == "ale"
+        self.lives = np.zeros(num_envs, dtype=np.int32)
         if spec.kind == "ale":
             from ale_py.vector_env import AtariVectorEnv
 
@@ -171,7 +211,7 @@ class FrameEnv:
                 img_width=FRAME_SHAPE[1],
                 grayscale=True,
                 reward_clipping=False,
-                episodic_life=cfg.episodic_life,
+                episodic_life=False,  # ale-py's resets the game; see the module docstring
                 repeat_action_probability=spec.sticky,
                 full_action_space=spec.full_action_space,
                 max_num_frames_per_episode=cfg.max_episode_frames,
@@ -190,23 +230,34 @@ class FrameEnv:
         self.num_actions = int(space.n)
 
     def reset(self, seed: int | None = None) -> np.ndarray:
-        obs, _ = self._env.reset(seed=self._seed if seed is None else seed)
+        obs, info = self._env.reset(seed=self._seed if seed is None else seed)
         self._done[:] = False
+        self.lives = self._lives(info)
         return to_frames(obs, self.num_envs)
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+    def step(self, actions: np.ndarray) -> EnvStep:
         reset = self._done.copy()
-        obs, reward, terminated, truncated, _ = self._env.step(np.asarray(actions))
+        obs, reward, terminated, truncated, info = self._env.step(np.asarray(actions))
         terminated = np.asarray(terminated, dtype=bool)
         truncated = np.asarray(truncated, dtype=bool)
         self._done = terminated | truncated
-        return (
+        lives = self._lives(info)
+        life_lost = (lives < self.lives) & ~reset if self.episodic_life else np.zeros_like(reset)
+        self.lives = lives
+        return EnvStep(
             to_frames(obs, self.num_envs),
             np.asarray(reward, dtype=np.float32),
             terminated,
             truncated,
             reset,
+            life_lost,
         )
+
+    def _lives(self, info: dict) -> np.ndarray:
+        lives = info.get("lives") if isinstance(info, dict) else None
+        if lives is None:
+            return np.zeros(self.num_envs, dtype=np.int32)
+        return np.asarray(lives, dtype=np.int32).copy()
 
     def close(self) -> None:
         self._env.close()

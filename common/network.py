@@ -3,6 +3,15 @@
 Input ``uint8[B, 4, 84, 84]`` (or float already scaled to [0, 1]); output
 ``float32[B, A]`` Q-values, a linear layer (no softmax: Q-values are unbounded).
 Dueling (Wang et al. 2016): ``Q = V + A - mean(A)``.
+
+Precision: the convolutional torso may run in bfloat16 (under ``torch.autocast``,
+or with its weights cast, as the actors do), where that is faster. The heads and
+the dueling aggregation always run in float32, with autocast turned off around
+them, so the output is float32 in every case. Why: bfloat16 has 8 mantissa bits,
+a step of 0.031 at Q = 5 and 0.125 at Q = 20. Action gaps and late TD errors are
+smaller than that: in bfloat16 they turn into rounding noise (argmax ties go to
+the lowest index, priorities and Huber gradients are quantized) and the acting
+policy differs from the float32 one that evaluation plays.
 """
 
 from __future__ import annotations
@@ -38,12 +47,19 @@ class QNetwork(nn.Module):
             )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q-values float32[B, A] of ``obs`` uint8[B, 4, 84, 84] (or float in [0, 1])."""
+        dtype = self.torso[0].weight.dtype  # bfloat16 where the torso was cast
         x = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs
-        h = self.torso(x)
+        h = self.torso(x.to(dtype))
+        with torch.autocast(h.device.type, enabled=False):
+            return self.q_head(h.float())
+
+    def q_head(self, features: torch.Tensor) -> torch.Tensor:
+        """float32[B, A] from torso features float32[B, 3136]; float32 weights."""
         if not self.dueling:
-            return self.head(h)
-        adv = self.advantage(h)
-        return self.value(h) + adv - adv.mean(dim=1, keepdim=True)
+            return self.head(features)
+        adv = self.advantage(features)
+        return self.value(features) + adv - adv.mean(dim=1, keepdim=True)
 
 
 def weights_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:

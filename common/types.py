@@ -22,6 +22,10 @@ FRAME_SHAPE = (84, 84)
 FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1]
 STACK = 4
 COUNTER_BITS = 40
+# The one priority floor (raw |TD|, before the exponent alpha), applied to the
+# actors' initial priorities and to the learner's updates alike: a zero priority
+# would never be sampled again, so its transition would never be re-evaluated.
+PRIORITY_FLOOR = 1e-3
 
 
 def make_frame_id(incarnation: int, counter: int | np.ndarray) -> int | np.ndarray:

@@ -1,4 +1,4 @@
-"""The ``apex-dqn`` command line: ``train`` and ``evaluate``.
+"""The ``apex-dqn`` command line: ``train``, ``evaluate`` and ``plot``.
 
 Every `common.config` field is a ``train`` flag (``envs_per_actor`` ->
 ``--envs-per-actor``). Precedence: defaults < ``--config FILE`` < flags.
@@ -40,6 +40,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         "actor": "actors",
         "learner": "learner",
         "run": "run",
+        "eval": "evaluation during training",
     }
     groups = {s: parser.add_argument_group(t) for s, t in titles.items()}
     for section, f in iter_fields():
@@ -96,21 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an agent (default: Pong on local Ray with an embedded redis-server)",
         description="Train an agent. With no flags: ALE/Pong-v5, local Ray, embedded "
         "redis-server, CUDA if available. Flags override --config FILE (TOML/YAML, "
-        "sections [env] [replay] [actor] [learner] [run] holding the same names "
+        "sections [env] [replay] [actor] [learner] [run] [eval] holding the same names "
         "with underscores). Ctrl-C stops cleanly and writes a final checkpoint. "
         f"The replay's Redis URL: --redis-url, else --redis-url-file, else ${REDIS_URL_ENV} "
         "(environment variable; keeps a password out of ps), else embedded redis-server(s). "
         "Numbers must lie in the [range] shown with each flag.",
     )
     train.add_argument("--config", metavar="FILE", help="TOML or YAML config file")
+    train.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and flags, print the resolved config as TOML (passwords "
+        "redacted) and exit 0, or exit 2 with the error; starts no Ray, Redis or env",
+    )
     _add_config_flags(train)
 
     ev = sub.add_parser(
         "evaluate",
         help="play a checkpoint, print raw scores, write MP4 videos",
-        description="Play a checkpoint under the standard protocol (up to 30 no-op "
-        "starts, 108,000-frame cap) with a small epsilon; print each episode's raw "
-        "score, the mean/median/max and the human-normalized score.",
+        description="Play a checkpoint under the published protocol that the human and "
+        "random reference scores use (no sticky actions, up to 30 no-op starts, "
+        "108,000-frame cap, epsilon 0.001), or with --sticky-actions the ALE/*-v5 "
+        "protocol (sticky actions 0.25, no no-op starts); print the protocol, each "
+        "episode's raw score, the mean/median/max and the human-normalized score.",
     )
     ev.add_argument("checkpoint", help="checkpoint file written by 'apex-dqn train'")
     ev.add_argument("--episodes", type=int, default=10, help="episodes to play (default: 10)")
@@ -120,7 +129,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--video-dir", metavar="DIR", help="write one MP4 per episode here")
     ev.add_argument("--env", help="play another id of the same game (e.g. PongNoFrameskip-v4)")
     ev.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    ev.add_argument("--json", metavar="PATH", help="also write the scores as JSON here")
+    ev.add_argument(
+        "--sticky-actions",
+        action="store_true",
+        help="play the ALE/*-v5 protocol: sticky actions 0.25, no no-op starts "
+        "(Machado et al. 2018); default: the published no-op-starts protocol",
+    )
+    ev.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON here (protocol, raw scores, mean, median, "
+        "human-normalized)",
+    )
+
+    plot = sub.add_parser(
+        "plot",
+        help="draw training curves of runs into one PNG",
+        description="Read the TensorBoard logs of one or more runs (RUN_DIR or "
+        "RUN_DIR/tb) and draw, in one PNG, episode return against env frames and "
+        "against wall-clock minutes (runs overlaid, labelled; evaluation returns "
+        "too when the runs have them), plus updates/s and env frames/s.",
+    )
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--logdir)")
+    plot.add_argument(
+        "-o", "--output", default="curves.png", help="PNG to write (default: curves.png)"
+    )
+    plot.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="legend label per run, in order (default: the run directory's name)",
+    )
+    plot.add_argument(
+        "--smooth",
+        type=int,
+        default=100,
+        help="episodes in the moving average of training returns (default: 100)",
+    )
+    plot.add_argument("--title", help="figure title")
     return parser
 
 
@@ -188,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
+            if args.check:
+                from deploy.check import check
+
+                print(check(cfg), end="")
+                return 0
             from deploy.launcher import LaunchError, RunError, train
             from learner.loop import NonFiniteLoss
 
@@ -202,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "plot":
+            return _plot(args)
     except ConfigError as exc:
         print(f"apex-dqn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -232,6 +285,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             video_dir=args.video_dir,
             env_override=args.env,
             seed=args.seed,
+            sticky=args.sticky_actions,
         )
     except CheckpointError as exc:
         print(f"apex-dqn evaluate: error: {exc}", file=sys.stderr)
@@ -239,6 +293,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from learner.plot import PlotError, plot_runs
+
+    if args.smooth < 1:
+        raise ConfigError(f"--smooth={args.smooth} must be >= 1")
+    try:
+        path = plot_runs(
+            args.runs, args.output, labels=args.label, smooth=args.smooth, title=args.title
+        )
+    except PlotError as exc:
+        print(f"apex-dqn plot: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path}")
     return 0
 
 

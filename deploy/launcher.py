@@ -11,7 +11,8 @@
      else stops the run here (exit 2) naming ``--replay-reset``, which deletes it;
   4. Ray: connect to ``--ray-address`` or start a local Ray;
   5. `_run`: the named Ray actors (weights store, replay shards, env actors;
-     `deploy.fleet`) and the learner's `TrainLoop` in this process (the driver
+     `deploy.fleet`; and ``apex-eval`` unless --eval-every-minutes is 0,
+     `deploy.evaluation`) and the learner's `TrainLoop` in this process (the driver
      takes the GPU when its node has one), fed by the replay's prefetching
      sampler; `RunMonitor` polls the roles for the loop;
   6. on the time/frame limit, Ctrl-C, SIGTERM, or a role that cannot run: stop
@@ -87,6 +88,10 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
         f"[apex] {spec.env_id} ({num_actions} actions, sticky {spec.sticky}), "
         f"{cfg.actor.actors} actors x {cfg.actor.envs_per_actor} envs, logdir {logdir}"
     )
+    from actors.exploration import single_env_warning
+
+    if warning := single_env_warning(cfg.actor, cfg.actor.actors):
+        out(f"[apex] warning: {warning}")
     from replay_server.namespace import ReplayIdentity
 
     identity = ReplayIdentity(
@@ -265,9 +270,10 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
         return
     address = cfg.run.ray_address or None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "namespace": "apex-dqn"}
+    evaluator = 1 if cfg.eval.eval_every_minutes > 0 else 0  # apex-eval's CPU
     if address is None:
         cpus = os.cpu_count() or 2
-        kwargs["num_cpus"] = max(cpus, cfg.actor.actors)
+        kwargs["num_cpus"] = max(cpus, cfg.actor.actors + evaluator)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
         if cfg.actor.actors > cpus:
             out(f"[apex] warning: {cfg.actor.actors} actors on {cpus} CPUs; they will share cores")
@@ -292,10 +298,11 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
             for line in dashboard_lines(url, tty=out is print and sys.stdout.isatty()):
                 out(line)
         cpus_total = ray.cluster_resources().get("CPU", 0)
-        if address is not None and cpus_total < cfg.actor.actors:
+        if address is not None and cpus_total < cfg.actor.actors + evaluator:
             out(
                 f"[apex] warning: the cluster has {cpus_total:g} CPUs for {cfg.actor.actors} "
-                "actors; the rest wait for nodes (autoscaler)"
+                f"actors{' + 1 evaluator' if evaluator else ''}; the rest wait for nodes "
+                "(autoscaler)"
             )
         yield
     finally:
@@ -386,6 +393,7 @@ def _run(
     store = start_weight_store()
     replay = ReplayFleet(cfg, urls, capacity_per_shard(cfg), identity)
     learner = Learner(cfg, identity.num_actions, cfg.learner.device)
+    out(f"[apex] learner: {learner.device}, {learner.dtype} ({learner.dtype_reason})")
     if resume_state is not None:
         learner.load_state_dict(resume_state)
     batch_size = cfg.batch_size(learner.device.type)
@@ -420,6 +428,7 @@ def _run(
     start_frames = int(((resume_state or {}).get("counters") or {}).get("frames", 0))
     actors = ActorFleet(cfg, urls, start_frames=start_frames)
     monitor = RunMonitor(actors, replay, backend, budget, lambda: sampler.stats()["sampled"], stop)
+    evaluation = _evaluation(cfg, logdir, metrics, identity.num_actions, out)
     loop = TrainLoop(
         cfg,
         learner,
@@ -431,10 +440,13 @@ def _run(
         checkpoint_path=str(logdir / "checkpoint.pt"),
         counters=(resume_state or {}).get("counters"),
         log=out,
+        evaluation=evaluation,
     )
     try:
         summary = loop.run(stop)
     finally:
+        if evaluation is not None:
+            evaluation.close()  # takes one that has just finished; drops a running one
         actors.stop()
         loader.close()
         replay.drain()
@@ -443,9 +455,29 @@ def _run(
         metrics.close()
         budget.close()
     summary.update(monitor.summary(), logdir=str(logdir))
+    if evaluation is not None:
+        summary.update(evaluation.summary())
     if monitor.error is not None:
         summary["error"] = str(monitor.error)
     return summary
+
+
+def _evaluation(
+    cfg: Config, logdir: Path, metrics: Any, num_actions: int, out: Callable[[str], None]
+) -> Any:
+    """`PeriodicEvaluation` on the ``apex-eval`` actor, or None when turned off."""
+    if cfg.eval.eval_every_minutes <= 0:
+        return None
+    from deploy.evaluation import RayEvalBackend
+    from learner.evaluator import PeriodicEvaluation
+
+    out(
+        f"[apex] evaluation: {cfg.eval.eval_episodes} episodes every "
+        f"{cfg.eval.eval_every_minutes:g} min on apex-eval -> {logdir / 'evals.jsonl'}"
+    )
+    return PeriodicEvaluation(
+        cfg, logdir, RayEvalBackend(cfg, num_actions), metrics, cfg.env.env, num_actions, log=out
+    )
 
 
 class RunMonitor:

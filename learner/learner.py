@@ -3,11 +3,18 @@
 One code path for CPU and CUDA. On CUDA the batch's uint8 frames are copied
 into reusable pinned host buffers and sent with ``non_blocking`` copies (frames
 stay uint8 until they are on the device: 4x fewer bytes over PCIe), the networks
-run in ``channels_last`` under bf16 autocast (the loss and the targets are
-computed in float32), Adam is the fused kernel, and ``torch.compile`` is applied
-when ``cfg.learner.compile``. On CPU the same code runs in float32 without
-copies (``torch.from_numpy``), with denormal floats flushed to zero (see
-``__init__``: a 10-40x slowdown otherwise).
+run in ``channels_last``, Adam is the fused kernel, and ``torch.compile`` is
+applied when ``cfg.learner.compile``. On CPU the same code runs without copies
+(``torch.from_numpy``), with denormal floats flushed to zero (see ``__init__``: a
+10-40x slowdown otherwise).
+
+Precision (``--learner-dtype``): ``bfloat16`` runs the convolutional torso under
+bf16 autocast, on CUDA and CPU alike; the value/advantage heads, the dueling
+aggregation, the Double-DQN argmax, the targets, the TD errors (new priorities)
+and the loss are float32 either way (`common.network`, `learner.losses`).
+``auto`` times a few forward/backward passes in both at start-up
+(`probe_dtype`) and takes bfloat16 only where it is at least
+``BF16_MIN_SPEEDUP`` times faster. Master weights and optimizer state are float32.
 
 Call order (one update):
   1. batch -> device (uint8 frames, float32 returns/discounts/weights)
@@ -21,6 +28,9 @@ Call order (one update):
 from __future__ import annotations
 
 import copy
+import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +43,20 @@ from common.network import QNetwork, weights_to_numpy
 from common.types import SampleBatch
 from learner.losses import dqn_loss, td_targets
 
+log = logging.getLogger(__name__)
+
 ADAM_EPS = 1.5e-4  # Rainbow/Ape-X-era Adam epsilon for Atari (Hessel et al. 2018)
-RMSPROP_EPS = 1.5e-7  # Ape-X centered RMSProp
 RMSPROP_DECAY = 0.95  # Ape-X centered RMSProp
+# Ape-X's centered RMSProp epsilon is 1.5e-7 in TensorFlow, which adds it INSIDE the
+# square root: step = lr * g / sqrt(v + eps_tf), with v = E[g^2] - E[g]^2. torch adds
+# it outside: lr * g / (sqrt(v) + eps). Equal denominators where eps matters (v -> 0)
+# need eps = sqrt(eps_tf) = 3.87e-4; for v >> eps_tf both are sqrt(v), and in between
+# the torch denominator is at most sqrt(2) times TensorFlow's (at v = eps_tf:
+# 2 sqrt(eps_tf) vs sqrt(2 eps_tf)). Taking 1.5e-7 literally would allow steps up
+# to 2,600 times larger on parameters whose gradient barely varies.
+RMSPROP_EPS_TF = 1.5e-7
+RMSPROP_EPS = math.sqrt(RMSPROP_EPS_TF)
+BF16_MIN_SPEEDUP = 1.1  # `auto` keeps float32 unless bfloat16 is clearly faster
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -64,13 +85,15 @@ class Learner:
     """Double/Dueling n-step DQN learner. Not thread-safe: call from one thread.
 
     cfg:         the run's `Config` (learner section: optimizer, lr, target_update,
-                 grad_clip, dueling, double, compile, torch_threads; run.seed seeds
-                 the network initialisation)
+                 grad_clip, dueling, double, compile, torch_threads, learner_dtype;
+                 run.seed seeds the network initialisation)
     num_actions: the game's action count A
     device:      ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``
 
     Attributes: ``device`` (torch.device), ``updates`` (int, optimizer steps so far),
-    ``online``/``target`` (QNetwork), ``optimizer``.
+    ``online``/``target`` (QNetwork), ``optimizer``, ``dtype`` ("float32" or
+    "bfloat16": the torso's compute precision in use), ``dtype_reason`` (str: why,
+    with the probe's timings when ``learner_dtype`` is auto).
     """
 
     def __init__(self, cfg: Config, num_actions: int, device: str | torch.device = "auto"):
@@ -97,12 +120,15 @@ class Learner:
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
         self.optimizer = self._make_optimizer(cfg)
+        self._pinned: dict[str, torch.Tensor] = {}
+        batch_size = cfg.batch_size(self.device.type)
+        self.dtype, self.dtype_reason = self._pick_dtype(lc.learner_dtype, batch_size)
+        log.info("learner: %s on %s (%s)", self.dtype, self.device, self.dtype_reason)
         self._online_fn: nn.Module = self.online
         self._target_fn: nn.Module = self.target
         if lc.compile and self.cuda:
             self._online_fn = torch.compile(self.online)  # type: ignore[assignment]
             self._target_fn = torch.compile(self.target)  # type: ignore[assignment]
-        self._pinned: dict[str, torch.Tensor] = {}
 
     def _make_optimizer(self, cfg: Config) -> torch.optim.Optimizer:
         params = list(self.online.parameters())
@@ -112,6 +138,56 @@ class Learner:
                 params, lr=lr, alpha=RMSPROP_DECAY, eps=RMSPROP_EPS, centered=True
             )
         return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=self.cuda or None)
+
+    def _pick_dtype(self, wanted: str, batch_size: int) -> tuple[str, str]:
+        if wanted in ("float32", "bfloat16"):
+            return wanted, "--learner-dtype " + wanted
+        if wanted != "auto":
+            raise ValueError(f"learner_dtype={wanted!r}; choose auto, float32 or bfloat16")
+        try:
+            times = self.probe_dtype(batch_size)
+        except RuntimeError as exc:  # no bf16 kernels on this build/device
+            return "float32", f"auto: bfloat16 failed ({exc})"
+        speedup = times["float32"] / times["bfloat16"]
+        pick = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
+        return pick, (
+            f"auto: bfloat16 {speedup:.2f}x float32 at batch {batch_size} "
+            f"({1e3 * times['float32']:.1f} vs {1e3 * times['bfloat16']:.1f} ms per forward/backward)"
+        )
+
+    def probe_dtype(self, batch_size: int, reps: int = 3) -> dict[str, float]:
+        """Seconds per forward/backward pass of one update (Q(s), Q(s') twice, backward;
+        no optimizer step, so nothing changes) on a random batch, per dtype:
+        ``{"float32": s, "bfloat16": s}``. Each dtype gets 2 untimed passes first."""
+        rng = np.random.default_rng(0)
+        shape = (batch_size, 4, 84, 84)
+        obs = self._to_device("probe", rng.integers(0, 256, shape, dtype=np.uint8))
+        if self.cuda:
+            obs = obs.contiguous(memory_format=torch.channels_last)
+        actions = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        times: dict[str, float] = {}
+        for name in ("float32", "bfloat16"):
+            for i in range(2 + reps):
+                if i == 2:
+                    self._sync()
+                    t0 = time.perf_counter()
+                with torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=name == "bfloat16"
+                ):
+                    q = self.online(obs)
+                    with torch.no_grad():
+                        self.target(obs)
+                        self.online(obs)
+                q.gather(1, actions.unsqueeze(1)).sum().backward()
+            self._sync()
+            times[name] = (time.perf_counter() - t0) / reps
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pinned.pop("probe", None)
+        return times
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
     # ---- data ---------------------------------------------------------------
     def _to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
@@ -158,11 +234,14 @@ class Learner:
         """`step` on a batch already on the device (see `to_device`)."""
         obs, next_obs, actions = batch.obs, batch.next_obs, batch.actions
         returns, discounts, weights = batch.returns, batch.discounts, batch.weights
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
+        ):
             q = self._online_fn(obs)
             with torch.no_grad():
                 target_next = self._target_fn(next_obs)
                 online_next = self._online_fn(next_obs) if self.double else target_next
+        # q, online_next, target_next are float32 (the heads run outside autocast)
         targets = td_targets(online_next, target_next, returns, discounts, self.double)
         loss, td_abs = dqn_loss(q, actions, targets, weights)
 

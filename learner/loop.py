@@ -175,6 +175,9 @@ class TrainLoop:
     log:               console sink for the progress line (default print)
     env_id:            canonical game id stored in checkpoints (default: resolved
                        from ``cfg.env``)
+    evaluation:        optional `learner.evaluator.PeriodicEvaluation`, stepped
+                       after each publish period with the newest published
+                       weights (it never blocks on an evaluation)
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class TrainLoop:
         env_id: str | None = None,
         poll_seconds: float = 1.0,
         metrics_seconds: float | None = None,
+        evaluation: Any = None,
     ):
         self.cfg, self.learner = cfg, learner
         self.sample, self.publish = sample, publish
@@ -216,6 +220,7 @@ class TrainLoop:
         self.published_at_update = learner.updates
         self.last_checkpoint: str | None = None
         self._last_rates: dict[str, float] = {}
+        self.evaluation = evaluation
         self._prio = PriorityWriter(update_priorities)
         self._poller = _Poller(poll_external, poll_seconds)
 
@@ -267,7 +272,8 @@ class TrainLoop:
           5. new priorities queued to the background `PriorityWriter`
              (fire-and-forget; the next update does not wait);
           6. every ``publish_seconds``, when there were updates:
-             ``publish(version + 1, weights)`` (``publish_latency_s``);
+             ``publish(version + 1, weights)`` (``publish_latency_s``); then the
+             evaluation, if any, collects a result or starts on these weights;
           7. every ``checkpoint_minutes``: atomic checkpoint (``checkpoint_s``);
           8. every ``metrics_seconds``: scalars; every ``log_every``: progress line.
         At exit (also on an exception): stop polling, flush the priority writer,
@@ -321,6 +327,7 @@ class TrainLoop:
                 now = time.monotonic()
                 if now >= next_publish:
                     self._publish(win)
+                    self._evaluate(now - start)
                     next_publish = now + lc.publish_seconds
                 if now >= next_ckpt:
                     self._checkpoint(now - start)
@@ -397,6 +404,22 @@ class TrainLoop:
         win.publish_latency = time.monotonic() - t0
         self.published_at_update = self.learner.updates
 
+    def _evaluate(self, elapsed: float) -> None:
+        """Right after `_publish`: the learner's weights are those of ``weight_version``."""
+        if self.evaluation is None:
+            return
+        self.evaluation.step(
+            self.weight_version,
+            self.frames,
+            self.learner.updates,
+            self.base_elapsed + elapsed,
+            lambda: (
+                self.learner.get_weights(),
+                self.learner.state_dict(),
+                self.counters(elapsed),
+            ),
+        )
+
     def _checkpoint(self, elapsed: float) -> str:
         """Write a checkpoint, unless the network is no longer finite (then raise:
         the last good checkpoint must never be overwritten by a diverged one)."""
@@ -442,6 +465,7 @@ class TrainLoop:
             "updates_per_s": self._last_rates.get("updates_per_s", 0.0),
             "data_wait_fraction": self._last_rates.get("data_wait_fraction"),
             "replay_unavailable_s": ext.get("replay_unavailable_s"),
+            **(self.evaluation.latest() if self.evaluation is not None else {}),
         }
 
     def _record(self, win: _Window) -> None:
@@ -468,6 +492,8 @@ class TrainLoop:
             "replay_size": self.external.get("replay_size"),
             "epsilon_min": self.external.get("epsilon_min"),
             "epsilon_max": self.external.get("epsilon_max"),
+            "episode_return_mean": self.mean_return(),
+            "replay_bytes": self.external.get("replay_bytes"),
             **{k: self.external.get(k) for k in _FAULT_METRICS},
         }
         steps = self.learner.updates - win.updates
@@ -490,3 +516,13 @@ class _Window:
 
 
 _STEP_SCALARS = ("loss", "q_mean", "td_abs_mean", "grad_norm")
+# run totals a ``poll_external`` answer may carry, recorded as they come (absent: skipped)
+_EXTERNAL_TOTALS = (
+    "replay_bytes",
+    "actor_restarts",
+    "shard_restarts",
+    "replay_outages",
+    "replay_outage_s",
+    "transitions_lost",
+    "orphan_frames_collected",
+)

@@ -41,6 +41,14 @@ METRICS: dict[str, str] = {
     "shard_restarts": "replay shard processes restarted (this run)",
     "actor_restarts": "actor processes restarted (this run)",
     "replay_rejected": "records the replay refused as invalid (this run)",
+    "episode_return_mean": "mean raw return of the last 100 training episodes (epsilons mixed)",
+    "replay_bytes": "bytes the replay uses in Redis, all shards",
+    # evaluation during training (learner.evaluator): greedy play under the protocol
+    "eval_return_mean": "mean raw score of the last evaluation (epsilon 0.001, no sticky actions)",
+    "eval_return_median": "median raw score of the last evaluation",
+    "eval_human_normalized": "human-normalized mean score of the last evaluation (1 = human)",
+    "eval_weight_version": "weight version the last evaluation played",
+    "eval_env_frames": "env frames of training when the last evaluated weights were taken",
 }
 
 
@@ -103,17 +111,19 @@ class Metrics:
             self._writer = None
 
 
-def _si(x: float) -> str:
+def _si(x: float, digits: int = 2) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
+            return f"{x / scale:.{digits}f}{unit}"
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
 def progress_line(s: dict[str, Any]) -> str:
     """One console line from a loop snapshot (missing keys are left out), e.g.
     ``frames 1.20M (3.40K frames/s) | updates 12.30K (19.1 updates/s) | replay 200.00K | return
-    -20.1 (last 100 of 57) | weights v42 | loss 0.0123 | wait 12% | eps 0.0002-0.4``."""
+    -20.1 (last 100 of 57) | eval 12.3 @ 4.1M frames | weights v42 | loss 0.0123 | wait 12% |
+    eps 0.0002-0.4`` (``eval``: the last greedy evaluation and the env frames its weights
+    were taken at)."""
     parts: list[str] = []
     if "env_frames" in s:
         fps = _si(s.get("env_frames_per_s", 0.0))
@@ -127,6 +137,9 @@ def progress_line(s: dict[str, Any]) -> str:
             f"return {s['mean_return']:.1f} (last {s.get('recent_episodes', 0)} "
             f"of {s.get('episodes', 0)})"
         )
+    if s.get("eval_return_mean") is not None:
+        frames = _si(s.get("eval_env_frames", 0), digits=1)
+        parts.append(f"eval {s['eval_return_mean']:.1f} @ {frames} frames")
     if "weight_version" in s:
         parts.append(f"weights v{s['weight_version']}")
     if s.get("loss") is not None:

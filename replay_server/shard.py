@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from common.types import COUNTER_BITS, STACK
+from common.types import COUNTER_BITS, PRIORITY_FLOOR, STACK
 from common.wire import WireError, decode_batch
 from replay_server.frame_groups import FrameGroups
 from replay_server.keys import ReplayKeys
@@ -88,7 +88,7 @@ RECORD_DTYPE = np.dtype(
     ]
 )  # ids = s (4 frame ids, oldest first) then s' (4); prio = initial priority
 RECORDS_PER_CHUNK = 4096
-MIN_PRIORITY = 1e-6
+MIN_PRIORITY = PRIORITY_FLOOR  # the same floor as the actors' initial priorities
 MAX_PRIORITY = 1e6  # |TD| of clipped-reward DQN stays below ~200; 1e6 is generous
 MAX_RETURN = 1e9  # n-step returns of raw scores stay far below this
 MAX_ACTIONS = 1 << 16

@@ -6,9 +6,9 @@
 * ``ray_local`` (session): ``ray.init(num_cpus=2)`` once (token auth disabled
   explicitly, no dashboard); shut down at the end. Yields the ``ray`` module.
 * ``pong_frames`` (session): uint8[800, 84, 84] real Pong frames (8 envs x 100
-  random steps, ``AtariVectorEnv("pong", stack_num=1, reward_clipping=False)``).
-* ``make_pong_actor`` (function): factory for :class:`SyntheticActor`, closed
-  after the test.
+  random steps, ``bench.synthetic.pong_frames``).
+* ``make_pong_actor`` (function): factory for ``bench.synthetic.SyntheticActor``,
+  closed after the test.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import redis
 
+from bench.synthetic import SyntheticActor
+from bench.synthetic import pong_frames as _pong_frames
 from replay_server.redis_proc import EmbeddedRedis
-from replay_server.synthetic import SyntheticActor
-from replay_server.synthetic import pong_frames as _pong_frames
 
 
 @pytest.fixture(scope="session")

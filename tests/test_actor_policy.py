@@ -1,4 +1,4 @@
-"""The actor's acting network: dtypes agree, weights load."""
+"""The actor's acting network: dtypes agree, weights load, heads stay float32."""
 
 from __future__ import annotations
 
@@ -33,3 +33,24 @@ def test_bfloat16_matches_float32_and_weights_load():
     assert ActingNetwork(6, True, 16, "auto").dtype in ("float32", "bfloat16")
     with pytest.raises(ValueError, match="inference dtype"):
         ActingNetwork(6, True, 16, "int4")
+
+
+def test_bfloat16_torso_keeps_small_action_gaps():
+    """Q about 20 with action gaps of 0.01: a bf16 output (steps of 0.125 there)
+    would tie every action and pick action 0; float32 heads pick the best."""
+    torch.manual_seed(3)
+    source = QNetwork(4, dueling=True)
+    with torch.no_grad():
+        source.advantage[2].weight.mul_(1e-3)
+        source.advantage[2].bias.copy_(torch.tensor([0.0, 0.01, 0.02, -0.01]))
+        source.value[2].weight.mul_(1e-3)
+        source.value[2].bias.fill_(20.0)
+    b16 = ActingNetwork(4, True, 8, "bfloat16")
+    b16.load(weights_to_numpy(source))
+    assert b16.net.torso[0].weight.dtype == torch.bfloat16
+    assert b16.net.value[2].weight.dtype == torch.float32
+    obs = np.random.default_rng(2).integers(0, 255, (8, 4, 84, 84), dtype=np.uint8)
+    q = b16.q_values(obs)
+    assert q.dtype == np.float32 and 19.5 < q.min() and q.max() < 20.5
+    assert q.argmax(axis=1).tolist() == [2] * 8
+    np.testing.assert_allclose(q[:, 2] - q[:, 1], 0.01, atol=2e-3)

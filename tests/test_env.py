@@ -40,7 +40,7 @@ def test_pong_frames_are_84x84_uint8_with_raw_rewards():
     rng = np.random.default_rng(0)
     rewards, dones, resets = [], 0, 0
     for _ in range(600):
-        frames, r, term, trunc, reset = env.step(rng.integers(0, env.num_actions, 2))
+        frames, r, term, trunc, reset, _ = env.step(rng.integers(0, env.num_actions, 2))
         assert frames.shape == (2, 84, 84) and frames.dtype == np.uint8
         rewards.append(r)
         resets += int(reset.sum())
@@ -55,7 +55,7 @@ def test_next_step_reset_mask_marks_the_first_frame_of_a_new_episode():
     first = env.reset()
     seen_done = np.zeros(2, bool)
     for step in range(12):
-        frames, _, term, trunc, reset = env.step(np.array([1, 1]))
+        frames, _, term, trunc, reset, _ = env.step(np.array([1, 1]))
         assert np.array_equal(reset, seen_done)  # the step after a done is a reset step
         if reset.any():
             # the ball is back on the top row: the first frame of a new episode

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.exploration import Exploration, apex_epsilons, decayed_epsilon, epsilon_greedy
+from actors.exploration import Exploration, apex_epsilons, decayed_epsilon, single_env_warning
 from common.config import ActorConfig
+from common.exploration import epsilon_greedy
 
 
 def test_apex_epsilons_span_the_run():
@@ -62,3 +63,12 @@ def test_epsilon_greedy():
         counts[np.arange(2), a] += 1
     assert counts[0].tolist() == [0, 3000, 0]  # greedy env
     assert (np.abs(counts[1] - 1000) < 150).all()  # uniformly random env
+
+
+def test_one_env_in_the_run_is_warned_about():
+    one = ActorConfig(envs_per_actor=1)
+    assert "epsilon 0.4 for every step" in single_env_warning(one, num_actors=1)
+    assert single_env_warning(one, num_actors=2) is None  # N = 2: 0.4 and 0.4**8
+    assert single_env_warning(ActorConfig(envs_per_actor=2), num_actors=1) is None
+    decaying = ActorConfig(envs_per_actor=1, exploration="linear")
+    assert single_env_warning(decaying, num_actors=1) is None

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import redis
 
+from bench.synthetic import SyntheticActor
 from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch
 from common.wire import (
     CODEC_IDS,
@@ -41,7 +42,6 @@ from common.wire import (
 from replay_server.namespace import NamespaceError, ReplayIdentity
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.shard import RECORD_DTYPE, ReplayShard
-from replay_server.synthetic import SyntheticActor
 from replay_server.writer import ReplayWriter
 
 Case = tuple[str, Any]  # (kind of case, the input)

@@ -19,6 +19,7 @@ def make_cfg(**learner: object) -> Config:
     cfg = Config()
     cfg.env.env = "ApexCatch-v0"
     cfg.learner.target_update = 1000
+    cfg.learner.learner_dtype = "float32"  # hand-computed float32 references below
     for k, v in learner.items():
         setattr(cfg.learner, k, v)
     return cfg
@@ -112,7 +113,9 @@ def test_optimizers_follow_the_config() -> None:
     rms = Learner(make_cfg(optimizer="rmsprop"), 3, "cpu").optimizer
     assert isinstance(rms, torch.optim.RMSprop)
     assert rms.defaults["lr"] == pytest.approx(0.00025 / 4)
-    assert rms.defaults["centered"] is True and rms.defaults["eps"] == 1.5e-7
+    assert rms.defaults["centered"] is True
+    # TF's 1.5e-7 sits inside the square root, torch's eps outside: sqrt(1.5e-7)
+    assert rms.defaults["eps"] == pytest.approx(3.873e-4, rel=1e-3)
 
 
 def test_gradient_norm_is_clipped() -> None:
@@ -133,3 +136,41 @@ def test_get_weights_matches_online_net_and_dueling_shapes() -> None:
     state = learner.online.state_dict()
     assert set(w) == set(state)
     np.testing.assert_array_equal(w["torso.0.weight"], state["torso.0.weight"].numpy())
+
+
+def test_bfloat16_learner_keeps_q_values_and_td_errors_in_float32() -> None:
+    """Under bf16 autocast (the torso), Q-values near 20 still resolve TD errors of
+    1e-3: bf16 would round them to steps of 0.125 there."""
+    learner = Learner(make_cfg(learner_dtype="bfloat16"), 3, "cpu")
+    assert learner.dtype == "bfloat16" and "--learner-dtype" in learner.dtype_reason
+    with torch.no_grad():  # Q around 20, nearly independent of the input
+        learner.online.value[2].bias.fill_(20.0)
+        learner.online.value[2].weight.mul_(0.01)
+        learner.online.advantage[2].weight.mul_(0.01)
+    online = copy.deepcopy(learner.online)
+    batch = make_batch(3)
+    batch.discounts[:] = 0.0  # targets = returns: TD errors are Q(s, a) - R
+    with torch.no_grad():  # the all-float32 reference
+        q = online(torch.from_numpy(batch.obs)).numpy().astype(np.float64)
+    q_taken = q[np.arange(B), batch.actions]
+    assert 19.0 < q_taken.min() and q_taken.max() < 21.0
+    offsets = np.linspace(1e-3, 8e-3, B)
+    batch.returns = (q_taken - offsets).astype(np.float32)
+    out = learner.step(batch)
+    # the bf16 torso perturbs Q by far less than 1e-3 here (head weights scaled by 0.01)
+    want = np.abs(q_taken - batch.returns.astype(np.float64))
+    np.testing.assert_allclose(out["priorities"], want, atol=3e-4)
+    assert len(np.unique(out["priorities"])) == B  # no two rounded onto one bf16 step
+    assert out["q_mean"] == pytest.approx(q_taken.mean(), abs=3e-4)
+
+
+def test_auto_dtype_probes_both_and_says_why() -> None:
+    learner = Learner(make_cfg(learner_dtype="auto", batch_size=8), 3, "cpu")
+    assert learner.dtype in ("float32", "bfloat16")
+    assert learner.dtype_reason.startswith("auto: bfloat16 ")
+    before = copy.deepcopy(learner.online.state_dict())
+    times = learner.probe_dtype(8, reps=1)
+    assert set(times) == {"float32", "bfloat16"} and min(times.values()) > 0
+    # the probe changes nothing: same parameters, no gradients left behind
+    assert all(torch.equal(before[k], v) for k, v in learner.online.state_dict().items())
+    assert all(p.grad is None for p in learner.online.parameters())

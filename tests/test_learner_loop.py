@@ -10,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from common.config import Config
 from common.env import make_vector_env
-from common.types import STACK, SampleBatch
+from common.stacking import FrameStack
+from common.types import SampleBatch
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
 from learner.loop import TrainLoop
@@ -28,24 +29,23 @@ def catch_transitions() -> dict[str, np.ndarray]:
     cfg.env.env = "ApexCatch-v0"
     env = make_vector_env(cfg.env, 4, seed=0)
     rng = np.random.default_rng(0)
-    frames = env.reset()
-    stack = np.repeat(frames[:, None], STACK, axis=1)
+    stack = FrameStack(4)
+    stack.reset(env.reset())
     out: dict[str, list] = {k: [] for k in ("obs", "next_obs", "actions", "returns", "disc")}
     episodes: list[tuple[float, int]] = []
     for _ in range(40):
         actions = rng.integers(0, 3, 4)
-        frames, rewards, term, trunc, reset = env.step(actions)
-        nxt = np.concatenate([stack[:, 1:], frames[:, None]], axis=1)
-        nxt[reset] = frames[reset][:, None]
+        obs = stack.values.copy()
+        frames, rewards, term, trunc, reset, _ = env.step(actions)
+        stack.push(frames, reset)
         for i in np.flatnonzero(~reset):
-            out["obs"].append(stack[i].copy())
-            out["next_obs"].append(nxt[i].copy())
+            out["obs"].append(obs[i])
+            out["next_obs"].append(stack.values[i].copy())
             out["actions"].append(actions[i])
             out["returns"].append(rewards[i])
             out["disc"].append(0.0 if term[i] else 0.99)
             if term[i]:
                 episodes.append((float(rewards[i]), 9))
-        stack = nxt
     env.close()
     data = {k: np.asarray(v) for k, v in out.items()}
     data["episodes"] = np.asarray(episodes)

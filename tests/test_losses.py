@@ -99,3 +99,29 @@ def test_network_output_shape_and_dueling_identity(dueling: bool) -> None:
     if dueling:  # Q = V + A - mean(A): the mean over actions is V
         value = net.value(net.torso(obs.float() / 255.0)).squeeze(1)
         torch.testing.assert_close(q.mean(dim=1), value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dueling", [True, False])
+def test_heads_run_in_float32_under_bf16_autocast(dueling: bool) -> None:
+    """The torso may run in bf16; the heads and the dueling sum must not: action
+    gaps of 0.01 at Q = 20 survive (a bf16 output has steps of 0.125 there)."""
+    torch.manual_seed(2)
+    net = QNetwork(4, dueling=dueling)
+    last = net.advantage[2] if dueling else net.head[2]
+    with torch.no_grad():
+        last.weight.mul_(1e-3)  # Q barely depends on the input...
+        last.bias.copy_(torch.tensor([20.0, 20.01, 20.02, 19.99]))  # ...gaps of 0.01
+        if dueling:
+            net.value[2].weight.zero_()
+            net.value[2].bias.zero_()
+    obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = net.torso(obs.float() / 255.0)
+        q = net(obs)
+    assert features.dtype == torch.bfloat16  # the torso did run in bf16
+    assert q.dtype == torch.float32
+    assert q.argmax(dim=1).tolist() == [2] * 5
+    with torch.no_grad():  # exactly the float32 heads applied to the bf16 features
+        torch.testing.assert_close(q, net.q_head(features.float()), rtol=0, atol=0)
+    gaps = (q[:, 2] - q[:, 1]).numpy()
+    np.testing.assert_allclose(gaps, 0.01, atol=2e-3)

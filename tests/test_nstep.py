@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.nstep import PRIORITY_FLOOR, NStepAccumulator, initial_priorities
+from common.nstep import NStepAccumulator, initial_priorities
+from common.types import PRIORITY_FLOOR
 
 G = 0.5  # powers of 0.5 are exact in float32: expected values are hand-computed
 

@@ -23,7 +23,7 @@ CHILD = """
 import json, sys, time
 import numpy as np
 from replay_server.shard import ReplayShard
-from replay_server.synthetic import SyntheticActor, pong_frames
+from bench.synthetic import SyntheticActor, pong_frames
 from replay_server.writer import ReplayWriter
 
 url = sys.argv[1]

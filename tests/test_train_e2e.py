@@ -94,12 +94,33 @@ def test_pong_60s_two_actors_then_evaluate(tmp_path):
     assert list(videos.glob("*.mp4"))
 
 
-def test_catch_learns_through_the_distributed_pipeline(tmp_path):
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU units that make bf16 autocast worth running."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(not cpu_has_bf16(), reason="no bf16 units on this CPU"),
+        ),
+    ],
+)
+def test_catch_learns_through_the_distributed_pipeline(tmp_path, dtype):
     """The whole pipeline (Ray actor -> Redis replay -> learner -> weights back)
-    learns Catch: random play averages about -0.6, the trained agent >= 0.8."""
+    learns Catch: random play averages about -0.6, the trained agent >= 0.8; with
+    the learner's torso in float32 and in bf16 autocast (float32 heads)."""
     logdir = tmp_path / "catch"
     res = cli(
         *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "8"),
+        *("--learner-dtype", dtype),
         *("--max-seconds", "120", "--min-replay", "1000", "--batch-size", "32"),
         *("--target-update", "250", "--capacity", "20000", "--samples-per-insert", "4"),
         *("--loader-workers", "1", "--publish-seconds", "1", "--log-every", "10"),
@@ -107,6 +128,7 @@ def test_catch_learns_through_the_distributed_pipeline(tmp_path):
         timeout=360,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"learner: cpu, {dtype} (--learner-dtype {dtype})" in res.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     ev = cli(
         "evaluate",

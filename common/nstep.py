@@ -5,11 +5,16 @@ For env ``i`` the accumulator holds the last ``k <= n`` one-step records
 
 * a full transition when ``n`` records are held and the episode goes on:
   ``R = sum_{j<n} gamma^j r_{t+j}``, discount ``gamma^n``, ``s' = s_{t+n}``;
-* at an episode end, every held record (the partial ``k < n`` ones included):
+* at an episode end or a terminal, every held record (the partial ``k < n`` ones included):
   ``R = sum_{j<k} gamma^j r_{t+j}`` with discount ``0`` after a terminal step
   (no bootstrap) or ``gamma^k`` after a time-limit truncation, where ``s'`` is the
   final frame's stack (the value of the cut-off state is still worth bootstrapping,
   Pardo et al. 2018).
+
+``terminated`` is the learner's terminal: the game is over, or (with
+``--episodic-life``) a life was lost. After a lost life the game goes on: the
+env's next step is an ordinary, active one (no NEXT_STEP reset), so the next
+record's ``s`` is the continuing stack and only the windows are flushed.
 
 Emitted transitions are *pending*: their initial priority
 ``|R + discount * max_a Q(s', a) - Q(s, a)|`` needs ``Q(s', .)``, which the actor
@@ -24,9 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.types import STACK, TransitionBatch
-
-PRIORITY_FLOOR = 1e-3  # a zero priority would never be sampled again
+from common.types import PRIORITY_FLOOR, STACK, TransitionBatch
 
 
 def initial_priorities(
