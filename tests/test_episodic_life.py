@@ -83,11 +83,11 @@ def test_actor_ends_nstep_windows_at_lost_lives_and_keeps_the_stack(redis_url):
     obs = np.concatenate([b.obs_ids for b in batches]) & ((1 << COUNTER_BITS) - 1)
     nxt = np.concatenate([b.next_obs_ids for b in batches]) & ((1 << COUNTER_BITS) - 1)
     disc = np.concatenate([b.discounts for b in batches])
-    assert len(disc) == stats["transitions_pushed"] > 0
+    assert len(disc) == stats.transitions_pushed > 0
     env_of, step_of = obs % envs, obs // envs  # counters: the reset frames, then E per step
     nxt_env, nxt_step = nxt[:, -1] % envs, nxt[:, -1] // envs
-    games = len(stats["episode_returns"])
-    assert games >= 1, stats["episode_lengths"]
+    games = len(stats.episode_returns)
+    assert games >= 1, stats.episode_lengths
     # learner terminals: the distinct (env, step) where windows ended with discount 0
     ends = zip(nxt_env[disc == 0], nxt_step[disc == 0], strict=True)
     terminals = sorted({(int(e), int(t)) for e, t in ends})
@@ -105,5 +105,5 @@ def test_actor_ends_nstep_windows_at_lost_lives_and_keeps_the_stack(redis_url):
                 assert steps == [t + 1] * 4, steps  # game over: a new game's stack
                 fresh += 1
     assert continued >= (LIVES - 1) * games and fresh <= games
-    assert all(length > 0 for length in stats["episode_lengths"])
-    assert min(stats["episode_lengths"]) > 4 * cfg.actor.n_step  # whole games, not lives
+    assert all(length > 0 for length in stats.episode_lengths)
+    assert min(stats.episode_lengths) > 4 * cfg.actor.n_step  # whole games, not lives
