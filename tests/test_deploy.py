@@ -627,6 +627,7 @@ while time.time() < deadline:
 """
 
 
+@pytest.mark.slow  # starts a two-node Ray cluster of its own (~1.5 min)
 def test_cluster_utils_two_nodes(tmp_path, monkeypatch):
     """Head + 1 worker (1 CPU each): the 2 actors must spread over both nodes,
     one learner trains, and every actor receives published weights."""
