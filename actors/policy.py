@@ -1,9 +1,9 @@
 """The actor's CPU copy of the Q-network: one batched forward pass per vector step.
 
-Why the torso may run in bfloat16: on CPUs with AMX / AVX512-BF16 a 1-thread
+Why the trunk may run in bfloat16: on CPUs with AMX / AVX512-BF16 a 1-thread
 Nature-CNN forward pass at batch 16 is ~2x faster in bfloat16 than in float32
 (bench/actor.py: inference was half of the actor's time in float32).
-``dtype="bfloat16"`` casts the convolutional torso only; the value/advantage heads
+``dtype="bfloat16"`` casts the trunk (torso and hidden layers); the output layers
 and the dueling aggregation stay float32 (`common.network`), so the Q-values,
 their argmax and the initial priorities are float32 and small action gaps are
 not rounded away. ``dtype="auto"`` times both at start-up (~0.2 s) and keeps
@@ -27,7 +27,7 @@ BF16_MIN_SPEEDUP = 1.2
 class ActingNetwork:
     """q_values(obs uint8[E, 4, 84, 84]) -> float32[E, A]. Not thread-safe.
 
-    dtype: "float32", "bfloat16" (the torso's; heads are always float32) or
+    dtype: "float32", "bfloat16" (the trunk's; output layers are always float32) or
     "auto" (timed at construction for ``batch``).
     """
 
@@ -41,14 +41,14 @@ class ActingNetwork:
 
     def _set(self, dtype: str) -> None:
         self.dtype = dtype
-        self.net.torso.to(DTYPES[dtype])
+        self.net.set_trunk_dtype(DTYPES[dtype])
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.net(torch.from_numpy(obs)).numpy()
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
-        """Load float32 numpy weights (the torso's are cast to its dtype)."""
+        """Load float32 numpy weights (the trunk's are cast to its dtype)."""
         load_numpy_weights(self.net, weights)
 
     def _fastest(self, batch: int) -> str:

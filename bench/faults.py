@@ -10,7 +10,8 @@ a restart 10 s later, ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restar
 * per fault: ``recover_s`` = seconds from the fault until the learner has made
   ``prefetch + loader_workers + 1`` more updates than it had at the fault (so at
   least one of them sampled after the fault; batches queued before it do not
-  count), from progress lines printed every second;
+  count) and the progress line no longer says ``replay: unavailable`` (the
+  shards have their Redis back), from progress lines printed every second;
 * per run: the summary's fault counters next to what was inserted
   (``transitions_lost`` against ``replay_inserted``).
 
@@ -94,6 +95,7 @@ class TrainingRun:
         )  # fmt: skip
         self.lines: list[tuple[float, str]] = []
         self.updates = 0
+        self.unavailable = False  # the newest progress line says the replay is down
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -107,6 +109,7 @@ class TrainingRun:
                 n = parse_updates(line)
                 if n is not None and line.startswith("[apex] frames"):
                     self.updates = max(self.updates, n)
+                    self.unavailable = "replay: unavailable" in line
 
     def text(self) -> str:
         with self._lock:
@@ -127,6 +130,12 @@ class TrainingRun:
 
     def wait_updates(self, more_than: int, timeout: float, what: str) -> float:
         return self.wait_for(lambda: self.updates > more_than, timeout, what)
+
+    def wait_recovered(self, more_than: int, timeout: float, what: str) -> float:
+        """Updates beyond ``more_than`` and the replay reported available again."""
+        return self.wait_for(
+            lambda: self.updates > more_than and not self.unavailable, timeout, what
+        )
 
     def wait_line(self, pattern: str, timeout: float, after: float = 0.0) -> float:
         rx = re.compile(pattern)
@@ -198,7 +207,7 @@ def inject(run: TrainingRun, name: str, fault, timeout: float = 120.0) -> dict[s
     at = run.updates
     t0 = time.monotonic()
     fault()
-    t1 = run.wait_updates(at + RECOVERED, timeout, f"updates to go on after {name}")
+    t1 = run.wait_recovered(at + RECOVERED, timeout, f"the run to recover from {name}")
     return {"fault": name, "updates_at_fault": at, "recover_s": round(t1 - t0, 2)}
 
 

@@ -19,7 +19,7 @@ other processes on a shared machine hits both alike.
   ``DataSource.sample`` (the loop's own definition).
 * on CUDA also ``ceiling_512_updates_per_s`` (Ape-X's batch size).
 * ``dtype``: the learner's precision (``--dtype``: auto, float32, bfloat16; see
-  `learner.learner`: bfloat16 runs the conv torso under autocast, the heads and
+  `learner.learner`: bfloat16 runs the trunk under autocast, the output layers and
   the loss stay float32) and ``dtype_reason``. With bfloat16, a float32 learner's
   ceiling is measured in the same alternating rounds
   (``ceiling_float32_updates_per_s``) and ``bf16_speedup`` = ceiling / that.
@@ -46,6 +46,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.config import Config  # noqa: E402
 from learner.learner import Learner  # noqa: E402
 from learner.loop import PriorityWriter  # noqa: E402
+
+
+def cpu_name() -> str:
+    """The CPU model and its bf16 units (what decides whether bf16 autocast pays)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith("model name")), platform.processor())  # fmt: skip
+    units = [u for u in ("avx512_bf16", "amx_bf16") if u in info]
+    return f"{model} ({', '.join(units) or 'no bf16 units'})"
 
 
 def fill_replay(url: str, transitions: int, codec: str, seed: int) -> tuple[object, float]:
@@ -208,9 +220,7 @@ def main() -> None:
     out = {
         "bench": "learner",
         "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else platform.processor(),
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),

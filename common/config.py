@@ -161,8 +161,9 @@ class LearnerConfig:
     compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
     learner_dtype: str = _f(
         "auto",
-        "precision of the learner's conv torso: bfloat16 (autocast; heads, targets and "
-        "loss stay float32), float32, or auto: bfloat16 where a start-up probe times it faster",
+        "precision of the learner's trunk (convolutions, hidden layers): bfloat16 autocast "
+        "(output layers, targets, loss stay float32), float32, or auto: bfloat16 where a "
+        "start-up probe times it faster",
         ("auto", "float32", "bfloat16"),
     )
     torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")

@@ -14,8 +14,8 @@ def epsilon_greedy(q: np.ndarray, eps: np.ndarray | float, rng: np.random.Genera
     """Actions int64[E] from Q-values float32[E, A] and rates float64[E] (or one float).
 
     Each env acts uniformly at random with probability ``eps[i]``, else greedily.
-    The argmax runs on the float32 Q-values (`common.network` computes the heads in
-    float32 even under bf16 autocast), so small action gaps are not rounded away;
+    The argmax runs on the float32 Q-values (`common.network` computes the output
+    layers in float32 even under bf16), so small action gaps are not rounded away;
     ties go to the lowest index.
     """
     num_envs, num_actions = q.shape

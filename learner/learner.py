@@ -8,9 +8,9 @@ applied when ``cfg.learner.compile``. On CPU the same code runs without copies
 (``torch.from_numpy``), with denormal floats flushed to zero (see ``__init__``: a
 10-40x slowdown otherwise).
 
-Precision (``--learner-dtype``): ``bfloat16`` runs the convolutional torso under
-bf16 autocast, on CUDA and CPU alike; the value/advantage heads, the dueling
-aggregation, the Double-DQN argmax, the targets, the TD errors (new priorities)
+Precision (``--learner-dtype``): ``bfloat16`` runs the trunk (convolutions and
+the 512-unit hidden layers) under bf16 autocast, on CUDA and CPU alike; the
+output layers, the dueling aggregation, the Double-DQN argmax, the targets, the TD errors (new priorities)
 and the loss are float32 either way (`common.network`, `learner.losses`).
 ``auto`` times a few forward/backward passes in both at start-up
 (`probe_dtype`) and takes bfloat16 only where it is at least
@@ -92,7 +92,7 @@ class Learner:
 
     Attributes: ``device`` (torch.device), ``updates`` (int, optimizer steps so far),
     ``online``/``target`` (QNetwork), ``optimizer``, ``dtype`` ("float32" or
-    "bfloat16": the torso's compute precision in use), ``dtype_reason`` (str: why,
+    "bfloat16": the trunk's compute precision in use), ``dtype_reason`` (str: why,
     with the probe's timings when ``learner_dtype`` is auto).
     """
 
@@ -158,29 +158,34 @@ class Learner:
     def probe_dtype(self, batch_size: int, reps: int = 3) -> dict[str, float]:
         """Seconds per forward/backward pass of one update (Q(s), Q(s') twice, backward;
         no optimizer step, so nothing changes) on a random batch, per dtype:
-        ``{"float32": s, "bfloat16": s}``. Each dtype gets 2 untimed passes first."""
+        ``{"float32": s, "bfloat16": s}``. Two untimed passes of each first, then
+        ``reps`` timed passes of each, alternating (load from other processes hits
+        both alike)."""
         rng = np.random.default_rng(0)
         shape = (batch_size, 4, 84, 84)
         obs = self._to_device("probe", rng.integers(0, 256, shape, dtype=np.uint8))
         if self.cuda:
             obs = obs.contiguous(memory_format=torch.channels_last)
         actions = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        times: dict[str, float] = {}
-        for name in ("float32", "bfloat16"):
-            for i in range(2 + reps):
-                if i == 2:
-                    self._sync()
-                    t0 = time.perf_counter()
-                with torch.autocast(
-                    self.device.type, dtype=torch.bfloat16, enabled=name == "bfloat16"
-                ):
-                    q = self.online(obs)
-                    with torch.no_grad():
-                        self.target(obs)
-                        self.online(obs)
-                q.gather(1, actions.unsqueeze(1)).sum().backward()
+
+        def one_pass(bf16: bool) -> float:
             self._sync()
-            times[name] = (time.perf_counter() - t0) / reps
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                q = self.online(obs)
+                with torch.no_grad():
+                    self.target(obs)
+                    self.online(obs)
+            q.gather(1, actions.unsqueeze(1)).sum().backward()
+            self._sync()
+            return time.perf_counter() - t0
+
+        times = {"float32": 0.0, "bfloat16": 0.0}
+        for i in range(2 + reps):
+            for name in times:
+                t = one_pass(name == "bfloat16")
+                if i >= 2:
+                    times[name] += t / reps
         self.optimizer.zero_grad(set_to_none=True)
         self._pinned.pop("probe", None)
         return times
@@ -241,7 +246,7 @@ class Learner:
             with torch.no_grad():
                 target_next = self._target_fn(next_obs)
                 online_next = self._online_fn(next_obs) if self.double else target_next
-        # q, online_next, target_next are float32 (the heads run outside autocast)
+        # q, online_next, target_next are float32 (output layers run outside autocast)
         targets = td_targets(online_next, target_next, returns, discounts, self.double)
         loss, td_abs = dqn_loss(q, actions, targets, weights)
 

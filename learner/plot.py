@@ -8,7 +8,7 @@ One PNG with four panels, the runs overlaid in one colour each:
 4. env frames/s against wall-clock minutes.
 
 Training returns (tag ``episode_return``, one point per finished episode) are
-drawn faint, with a moving average over ``smooth`` episodes on top. They are the
+drawn as faint dots, with a moving average over ``smooth`` episodes on top. They are the
 raw scores of every actor env, so they average over all the Ape-X epsilons (0.4
 down to 0.4^8): they sit below what the greedy policy scores. Evaluation returns
 (tag ``eval_return_mean``, written by periodic evaluation during training where a
@@ -123,7 +123,7 @@ def draw(runs: Sequence[RunCurves], smooth: int = 100, title: str | None = None)
         if train is not None and len(train):
             avg = moving_average(train.values, smooth)
             for ax, x in ((ret_frames, train.steps), (ret_min, train.minutes)):
-                ax.plot(x, train.values, color=color, alpha=0.15, linewidth=0.6)
+                ax.scatter(x, train.values, color=color, alpha=0.15, s=2, linewidths=0)
                 ax.plot(x, avg, color=color, linewidth=1.8, label=f"{run.label} training")
         ev = run.series.get(EVAL_RETURN)
         if ev is not None and len(ev):

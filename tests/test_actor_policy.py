@@ -1,4 +1,4 @@
-"""The actor's acting network: dtypes agree, weights load, heads stay float32."""
+"""The actor's acting network: dtypes agree, weights load, outputs stay float32."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_bfloat16_matches_float32_and_weights_load():
 
 def test_bfloat16_torso_keeps_small_action_gaps():
     """Q about 20 with action gaps of 0.01: a bf16 output (steps of 0.125 there)
-    would tie every action and pick action 0; float32 heads pick the best."""
+    would tie every action and pick action 0; float32 output layers pick the best."""
     torch.manual_seed(3)
     source = QNetwork(4, dueling=True)
     with torch.no_grad():
@@ -48,7 +48,8 @@ def test_bfloat16_torso_keeps_small_action_gaps():
     b16 = ActingNetwork(4, True, 8, "bfloat16")
     b16.load(weights_to_numpy(source))
     assert b16.net.torso[0].weight.dtype == torch.bfloat16
-    assert b16.net.value[2].weight.dtype == torch.float32
+    assert b16.net.value[0].weight.dtype == torch.bfloat16  # the hidden layer: trunk
+    assert b16.net.value[2].weight.dtype == torch.float32  # the output layer
     obs = np.random.default_rng(2).integers(0, 255, (8, 4, 84, 84), dtype=np.uint8)
     q = b16.q_values(obs)
     assert q.dtype == np.float32 and 19.5 < q.min() and q.max() < 20.5

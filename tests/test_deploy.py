@@ -1,18 +1,21 @@
 """Deployment: docker-compose.yml, the cluster yamls, and real multi-node runs.
 
-No Docker engine is needed: the compose file is validated by Debian's
-docker-compose 1.29.2 (`config -q`), and its services' commands, parsed from the
-file, run as local processes (redis-server, a Ray head with --num-cpus=0, one
-Ray worker, the driver). `ray up` of deploy/cluster-local.yaml runs against an
-sshd this module starts on 127.0.0.1:22 (marked ``slow``).
+No Docker engine is needed here (tests/test_compose_up.py runs the compose file
+on a real one): docker-compose.yml is validated by Debian's docker-compose
+1.29.2 (`config -q`) and its wiring checked; the `redis` service's command and
+healthcheck run as local processes (bash + redis-server), and the driver's
+command line is expanded by bash and parsed by `apex-dqn train`'s own parser.
+A Ray head and worker with the actors spread over both run through
+ray.cluster_utils; `ray up` of deploy/cluster-local.yaml runs against an sshd
+this module starts on 127.0.0.1:22 (marked ``slow``).
 
 Nothing here runs `ray stop` on its own: it kills every Ray process on the
 machine, other people's included. Each Ray here gets its own --temp-dir, and
 teardown stops exactly the processes whose command line names that directory,
 plus their children, by pid.
 
-Runtime (2 cores): static checks ~5 s; compose-as-processes ~2 min; the
-ray.cluster_utils run ~1.5 min; ray up ~2.5 min.
+Runtime (2 cores): compose and yaml checks ~10 s; the ray.cluster_utils run
+~1.5 min; ray up ~2.5 min.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -50,6 +53,8 @@ CLUSTER_LOCAL_YAML = REPO / "deploy" / "cluster-local.yaml"
 BIN = Path(sys.executable).parent
 CLI = [sys.executable, "-m", "deploy.cli"]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+# REDIS_PASSWORD for the compose checks (compose requires one; URL-safe).
+TEST_PASSWORD = "test-Pw_0.~"
 
 # Small, fast training settings appended to the parsed driver command (later
 # flags win in argparse, so the compose values stay in the command line).
@@ -111,11 +116,6 @@ def short_tmp(prefix: str) -> Path:
 def http_json(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def http_text(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode(errors="replace")
 
 
 def state_list(dashboard: str, what: str) -> list[dict]:
@@ -197,11 +197,16 @@ def redis_cli_bin() -> str | None:
 
 # ------------------------------------------------------ compose parsing ---
 
-_INTERP = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?-)([^}]*))?\}|(\w+))")
+_INTERP = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?])([^}]*))?\}|(\w+))")
+
+
+class MissingVariable(ValueError):
+    """A ``${VAR:?message}`` whose variable is unset or empty."""
 
 
 def interpolate(value, env: dict[str, str]):
-    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default}, $$."""
+    """Compose's variable substitution: ${VAR}, ${VAR:-default}, ${VAR-default},
+    ${VAR:?error}, ${VAR?error}, $$."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
@@ -219,6 +224,8 @@ def interpolate(value, env: dict[str, str]):
             return default
         if op == "-" and val is None:
             return default
+        if (op == ":?" and not val) or (op == "?" and val is None):
+            raise MissingVariable(f"{name}: {default}")
         return val or ""
 
     return _INTERP.sub(sub, value)
@@ -229,22 +236,40 @@ def compose_vars(text: str) -> set[str]:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict:
-    """docker-compose.yml with anchors merged and variables at their defaults."""
-    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env or {})
-
-
-def command_argv(service: dict) -> list[str]:
-    cmd = service["command"]
-    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
-
-
-def shell_steps(service: dict) -> list[list[str]]:
-    """A `bash -c "a && b"` command as [argv of a, argv of b]."""
-    argv = command_argv(service)
-    assert argv[:2] == ["bash", "-c"] and len(argv) == 3, (
-        f"expected `bash -c '<cmd> && <cmd>'`, got {argv!r}; tests/test_deploy.py parses this shape"
+    """docker-compose.yml with anchors merged and variables at their defaults
+    (REDIS_PASSWORD, which has none, set to TEST_PASSWORD)."""
+    return interpolate(
+        yaml.safe_load(COMPOSE_FILE.read_text()), {"REDIS_PASSWORD": TEST_PASSWORD, **(env or {})}
     )
-    return [shlex.split(part) for part in argv[2].split("&&")]
+
+
+def bash_script(service: dict) -> str:
+    """The script of a `bash -c SCRIPT` command."""
+    cmd = service["command"]
+    argv = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+    assert argv[:2] == ["bash", "-c"] and len(argv) == 3, (
+        f"expected `bash -c SCRIPT`, got {argv!r}; tests/test_deploy.py parses this shape"
+    )
+    return argv[2]
+
+
+def head_steps(service: dict) -> tuple[str, str]:
+    """ray-head's script as (its `ray start --head ...`, its `exec apex-dqn ...`)."""
+    script = bash_script(service)
+    start = re.search(r"(ray start --head [^;&]*?) && break;", script)
+    driver = re.search(r"(exec apex-dqn .*)$", script)
+    assert start and driver, f"ray-head's script changed shape; update head_steps: {script}"
+    return start.group(1), driver.group(1)
+
+
+def bash_argv(command: str, env: dict[str, str]) -> list[str]:
+    """The argv bash builds from `command` (variables expanded, words split)."""
+    res = subprocess.run(
+        ["bash", "-c", f'set -f; args() {{ printf "%s\\0" "$@"; }}; args {command}'],
+        env={"PATH": os.environ.get("PATH", ""), **env}, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res.stdout.decode().split("\0")[:-1]
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
@@ -281,83 +306,233 @@ def shell_join(argv: list[str]) -> str:
     return " ".join(a if re.fullmatch(r"[\w@%+=:,./~-]+", a) else shlex.quote(a) for a in argv)
 
 
-def gcs_port(argv: list[str]) -> int:
-    addr = flag_value(argv, "--address")
-    return int(addr.rsplit(":", 1)[1]) if addr else int(flag_value(argv, "--port") or 6379)
-
-
 def size_bytes(text: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", str(text).strip().lower())
     assert m, f"cannot read size {text!r}"
     return int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2)])
 
 
-# ------------------------------------------------------- static checks ---
+def duration_s(text: str) -> float:
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(text).strip())
+    assert m and any(m.groups()), f"cannot read duration {text!r}"
+    return 60 * int(m.group(1) or 0) + int(m.group(2) or 0)
 
 
-def test_compose_config_is_valid():
+# -------------------------------------------------------- compose checks ---
+
+
+def _compose_run_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip(
             "docker-compose is not installed: apt-get install docker-compose "
             "(Debian's 1.29.2 validates without a Docker engine; .ci/run installs it)"
         )
-    for files in ([COMPOSE_FILE], [COMPOSE_FILE, GPU_OVERRIDE]):
-        argv = [exe]
-        for f in files:
-            argv += ["-f", str(f)]
-        res = subprocess.run(
-            [*argv, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60
-        )
-        names = " + ".join(f.name for f in files)
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty:  # ignore a developer's .env
+        res = []
+        for files in ([COMPOSE_FILE], [COMPOSE_FILE, GPU_OVERRIDE]):
+            argv = [exe, "--env-file", empty.name]
+            for f in files:
+                argv += ["-f", str(f)]
+            res.append(
+                subprocess.run(
+                    [*argv, "config", "-q"],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    env={"PATH": os.environ.get("PATH", ""), **env},
+                )  # fmt: skip
+            )
+    return res
+
+
+def test_compose_config_is_valid():
+    for res, names in zip(
+        _compose_run_config({"REDIS_PASSWORD": TEST_PASSWORD}),
+        ("docker-compose.yml", "docker-compose.yml + deploy/compose.gpu.yml"),
+        strict=True,
+    ):
         assert res.returncode == 0, f"docker-compose config -q rejects {names}:\n{res.stderr}"
 
 
+def test_compose_refuses_to_start_without_redis_password():
+    for res in _compose_run_config({}):
+        assert res.returncode != 0, "compose accepted a missing REDIS_PASSWORD"
+        assert "set REDIS_PASSWORD in .env" in res.stderr, res.stderr
+    with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
+        load_compose({"REDIS_PASSWORD": ""})
+
+
 def test_compose_file_wiring():
-    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    raw_text = COMPOSE_FILE.read_text()
+    raw = yaml.safe_load(raw_text)
     assert "name" not in raw, "top-level `name:` breaks docker-compose 1.29 (Debian); remove it"
+    assert not re.search(r"REDIS_PASSWORD:?-", raw_text), "REDIS_PASSWORD must have no default"
     svc = load_compose()["services"]
     assert {"redis", "ray-head", "ray-worker"} <= set(svc)
 
     redis = svc["redis"]
-    assert redis["image"].startswith("redis:7")
-    rargv = command_argv(redis)
-    assert flag_value(rargv, "--appendonly") == "yes", "redis needs AOF persistence"
+    assert redis["image"] == "redis:7"
     assert any(v.endswith(":/data") for v in redis["volumes"]), "AOF must live on a volume"
-    assert redis.get("healthcheck", {}).get("test"), "redis needs a healthcheck"
-    password = flag_value(rargv, "--requirepass")
-    assert password, "redis must run with --requirepass"
+    assert redis["environment"]["REDIS_PASSWORD"] == TEST_PASSWORD
+    assert redis["environment"]["REDISCLI_AUTH"] == TEST_PASSWORD, "the healthcheck's redis-cli"
 
-    head_start, driver = shell_steps(svc["ray-head"])
-    assert head_start[:3] == ["ray", "start", "--head"]
-    assert flag_value(head_start, "--num-cpus") == "0", "head must have --num-cpus=0"
-    head_port = gcs_port(head_start)
+    head = svc["ray-head"]
+    head_start, driver = head_steps(head)
+    head_argv = shlex.split(head_start)
+    assert head_argv[:3] == ["ray", "start", "--head"]
+    assert flag_value(head_argv, "--num-cpus") == "0", "head must have --num-cpus=0"
+    head_port = int(flag_value(head_argv, "--port") or 6379)
     assert head_port != 6379, "Ray's GCS must not take Redis's port 6379"
-    assert driver[:3] == ["exec", "apex-dqn", "train"]
-    assert flag_value(driver, "--ray-address") == "auto"
-    url = urlsplit(flag_value(driver, "--redis-url") or "")
-    assert url.hostname == "redis" and url.port == 6379
-    assert url.password == password, "the driver's --redis-url password differs from requirepass"
-    assert (flag_value(driver, "--logdir") or "").startswith("/data/runs/")
-    assert any(v.endswith(":/data/runs") for v in svc["ray-head"]["volumes"])
-    assert svc["ray-head"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert any(str(p).endswith(":8265") for p in svc["ray-head"]["ports"])
+    assert driver.split()[:3] == ["exec", "apex-dqn", "train"]
+    url = urlsplit(head["environment"]["APEX_REDIS_URL"])
+    assert (url.hostname, url.port, url.password) == ("redis", 6379, TEST_PASSWORD), url
+    assert any(v.endswith(":/data/runs") for v in head["volumes"])
+    assert head["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert any(str(p).endswith(":8265") for p in head["ports"])
 
-    (worker_start,) = shell_steps(svc["ray-worker"])
-    assert worker_start[:2] == ["ray", "start"] and "--block" in worker_start
-    assert flag_value(worker_start, "--address") == f"ray-head:{head_port}"
+    worker = svc["ray-worker"]
+    m = re.search(r"ray start (.*?) &", bash_script(worker), flags=re.S)
+    assert m, f"ray-worker must run `ray start ... --block &`: {bash_script(worker)}"
+    worker_argv = shlex.split(m.group(1))
+    assert "--block" in worker_argv
+    assert flag_value(worker_argv, "--address") == f"ray-head:{head_port}"
+    assert "http://ray-head:8265/api/gcs_healthz" in bash_script(worker), "waits for the head"
 
-    for name in ("ray-head", "ray-worker"):
+    for name, argv in (("ray-head", head_argv), ("ray-worker", worker_argv)):
         s = svc[name]
         assert s["environment"].get("RAY_AUTH_MODE") in ("disabled", "token"), (
             f"{name}: set RAY_AUTH_MODE explicitly"
         )
-        steps = shell_steps(s)
-        store = int(flag_value(steps[0], "--object-store-memory") or 0)
+        store = int(flag_value(argv, "--object-store-memory") or 0)
         assert store and size_bytes(s["shm_size"]) > store, (
             f"{name}: shm_size must exceed --object-store-memory"
         )
         assert s["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert s["build"]["args"]["APEX_BASE_IMAGE"] == "python:3.11-slim-bookworm"
+        assert {"TORCH_WHEEL", "TORCH_INDEX_URL", "TORCH_VERSION"} <= set(s["build"]["args"])
+
+
+def test_compose_stops_driver_first_within_grace():
+    """`docker compose stop` stops dependents first: ray-head (the driver stops its
+    actors and writes the final checkpoint) before the workers it depends on."""
+    svc = load_compose()["services"]
+    head, worker, redis = svc["ray-head"], svc["ray-worker"], svc["redis"]
+    assert head["depends_on"]["ray-worker"]["condition"] == "service_started"
+    assert "depends_on" not in worker, "workers must not depend on the head (stop order)"
+    assert duration_s(head["stop_grace_period"]) >= 60, "the driver's final checkpoint"
+    assert duration_s(worker["stop_grace_period"]) >= 30, "Ray's node shutdown"
+    assert duration_s(redis["stop_grace_period"]) >= 10, "AOF fsync"
+    assert worker["environment"]["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0"
+    assert head.get("init") is True and worker.get("init") is True, "tini forwards SIGTERM"
+    # A failed driver is not restarted (a config error would loop; a crash would
+    # start a new run over the old logdir); Redis retries a bounded number of times.
+    assert head["restart"] == "no"
+    for s in (redis, worker):
+        assert re.fullmatch(r"on-failure:\d+", s["restart"]), s["restart"]
+
+
+def test_compose_commands_hold_no_password():
+    """The password reaches processes through their environment only: never in
+    a command line (visible in ps and on the Ray dashboard) or a healthcheck."""
+    sentinel = "Sentinel-Pw-1234"
+    svc = load_compose({"REDIS_PASSWORD": sentinel})["services"]
+    for name, s in svc.items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            assert sentinel not in json.dumps(s.get(key)), f"{name}.{key} holds the password"
+    assert any(sentinel in json.dumps(s.get("environment")) for s in svc.values())
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored), ".dockerignore must keep secrets out"
+    assert ".env" in (REPO / ".gitignore").read_text().split()
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    )  # fmt: skip
+    assert example["REDIS_PASSWORD"] in ('""', ""), ".env.example must not ship a password"
+
+
+def test_compose_driver_command_parses(monkeypatch):
+    """ray-head's driver command, expanded by bash with compose's environment,
+    is a valid `apex-dqn train` command line; APEX_TRAIN_ARGS splits into flags."""
+    from deploy.cli import build_parser, config_from_args
+
+    head = load_compose(
+        {"APEX_TRAIN_ARGS": "--envs-per-actor 8 --max-frames 1000", "APEX_ENV": "ALE/Breakout-v5"}
+    )["services"]["ray-head"]
+    driver = head_steps(head)[1]
+    assert driver.startswith("exec ")
+    env = {k: str(v) for k, v in head["environment"].items()}
+    argv = bash_argv(driver.removeprefix("exec "), env)
+    assert argv[:2] == ["apex-dqn", "train"], argv
+    assert "--redis-url" not in argv
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = config_from_args(build_parser().parse_args(argv[1:]))
+    assert cfg.env.env == "ALE/Breakout-v5"
+    assert cfg.actor.actors == 4 and cfg.actor.envs_per_actor == 8
+    assert cfg.run.max_frames == 1000
+    assert cfg.run.logdir == "/data/runs/pong" and cfg.run.ray_address == "auto"
+
+
+@pytest.fixture
+def compose_redis(tmp_path) -> Iterator[tuple[int, dict[str, str]]]:
+    """The `redis` service's command, run by bash on a free loopback port."""
+    redis = load_compose()["services"]["redis"]
+    script = bash_script(redis)
+    exe = redis_server_bin()
+    assert "exec redis-server - --dir /data " in script, script
+    port = free_port()
+    script = script.replace(
+        "exec redis-server - --dir /data ",
+        f"exec {shlex.quote(exe)} - --dir {tmp_path} --port {port} --bind 127.0.0.1 ",
+    )
+    env = {"PATH": os.environ.get("PATH", ""), **redis["environment"]}
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "redis-server")
+        assert proc.poll() is None, f"the redis command exited {proc.returncode}"
+        yield port, env
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_compose_redis_command_and_healthcheck(compose_redis, tmp_path):
+    import redis as redis_py
+
+    port, env = compose_redis
+    assert redis_py.Redis(port=port, password=TEST_PASSWORD).ping()
+    with pytest.raises(redis_py.AuthenticationError):
+        redis_py.Redis(port=port).ping()
+    client = redis_py.Redis(port=port, password=TEST_PASSWORD)
+    assert client.config_get("appendonly")["appendonly"] == "yes"
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    assert client.config_get("dir")["dir"] == str(tmp_path)
+
+    cli = redis_cli_bin()
+    if cli is None:
+        pytest.skip("no redis-cli next to redis-server or on PATH to run the healthcheck with")
+    test = load_compose()["services"]["redis"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL", test
+    script = test[1].replace("redis-cli", f"{shlex.quote(cli)} -p {port}", 1)
+    ok = subprocess.run(["sh", "-c", script], env=env, timeout=20)
+    bad = subprocess.run(["sh", "-c", script], env={**env, "REDISCLI_AUTH": "wrong"}, timeout=20)
+    assert ok.returncode == 0, "the redis healthcheck fails against a healthy server"
+    assert bad.returncode != 0, "the redis healthcheck passes with a wrong password"
+
+
+def test_compose_redis_refuses_a_password_that_breaks_the_url(tmp_path):
+    script = bash_script(load_compose()["services"]["redis"])
+    script = script.replace("exec redis-server", "exec true")  # stop after the check
+    for pw, rc in (("a/b@c", 2), ("has space", 2), ("Ok-pass_1.~", 0)):
+        res = subprocess.run(
+            ["bash", "-c", script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": pw},
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert res.returncode == rc, (pw, res.returncode, res.stderr)
+        if rc:
+            assert "REDIS_PASSWORD may hold only" in res.stderr
 
 
 def test_env_example_documents_every_compose_variable():
@@ -408,22 +583,17 @@ def test_cluster_yaml_passes_ray_validation(path):
         assert "deploy/setup.sh" in setup, "nodes must install the project the README's way"
 
 
-# ------------------------------------------ compose services as processes ---
+# -------------------------------------------- ray.cluster_utils: 2 nodes ---
 
 
 class Observer(threading.Thread):
-    """Polls the dashboard's state API and the nodes' metrics endpoints during a run."""
+    """Polls the dashboard's state API during a run: named apex-* actors seen ALIVE."""
 
-    def __init__(self, dashboard: str, metrics_ports: list[int]):
+    def __init__(self, dashboard: str):
         super().__init__(daemon=True)
-        self.driver_pid: int | None = None
-        self.driver_node: str | None = None
         self.dashboard = dashboard
-        self.metrics_ports = metrics_ports
         self.stop_event = threading.Event()
         self.actors: dict[str, dict] = {}  # name -> last ALIVE row
-        self.nodes: list[dict] = []
-        self.metrics: dict[int, str] = {}
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -432,246 +602,9 @@ class Observer(threading.Thread):
                 for row in state_list(self.dashboard, "actors"):
                     if (row.get("name") or "").startswith("apex-") and row["state"] == "ALIVE":
                         self.actors[row["name"]] = row
-                self.nodes = state_list(self.dashboard, "nodes")
-                if self.driver_pid and not self.driver_node:
-                    for row in state_list(self.dashboard, "workers"):
-                        if row.get("worker_type") == "DRIVER" and row.get("pid") == self.driver_pid:
-                            self.driver_node = row["node_id"]
             except Exception as exc:  # noqa: BLE001 - kept for the assertion message
                 self.errors.append(f"state API: {exc}")
-            for port in self.metrics_ports:
-                with contextlib.suppress(Exception):
-                    text = http_text(f"http://127.0.0.1:{port}/metrics")
-                    if "apex_" in text or port not in self.metrics:
-                        self.metrics[port] = text
 
-
-@pytest.fixture(scope="module")
-def compose_run() -> Iterator[dict]:
-    """Run docker-compose.yml's redis, ray-head (+ driver) and one ray-worker as
-    local processes; yields what was observed, after everything is stopped."""
-    services = load_compose()["services"]
-    tmp = short_tmp("apxc")
-    ray_tmp = tmp / "ray"
-    out: dict = {"tmp": tmp}
-    redis_proc = None
-    logs: list = []
-    try:
-        # --- redis: the compose command, on a free loopback port
-        rargv = command_argv(services["redis"])
-        assert rargv[0] == "redis-server", rargv
-        password = flag_value(rargv, "--requirepass")
-        rport = free_port()
-        (tmp / "redis").mkdir()
-        rlog = open(tmp / "redis.log", "w")  # noqa: SIM115 - closed in finally
-        logs.append(rlog)
-        redis_proc = subprocess.Popen(
-            [redis_server_bin(), *rargv[1:], "--port", str(rport), "--bind", "127.0.0.1",
-             "--dir", str(tmp / "redis"), "--daemonize", "no"],
-            stdout=rlog, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        out["redis_proc"] = redis_proc
-        out["redis_port"] = rport
-        out["redis_password"] = password
-        wait_for(lambda: port_open(rport), 20, f"redis-server on port {rport}")
-
-        # --- the compose healthcheck, against that server
-        check = services["redis"]["healthcheck"]["test"]
-        cli = redis_cli_bin()
-        if check[0] == "CMD-SHELL" and cli:
-            script = check[1].replace("redis-cli", f"{shlex.quote(cli)} -p {rport}", 1)
-            henv = {**proc_env(), **services["redis"].get("environment", {})}
-            ok = subprocess.run(["sh", "-c", script], env=henv, timeout=20)
-            bad = subprocess.run(
-                ["sh", "-c", script], env={**henv, "REDIS_PASSWORD": "wrong"}, timeout=20
-            )
-            out["healthcheck"] = (ok.returncode, bad.returncode)
-
-        # --- ray head: the compose flags, with loopback and free ports
-        head_env = proc_env(**services["ray-head"]["environment"])
-        head_start, driver = shell_steps(services["ray-head"])
-        gcs = free_port()
-        dash = free_port()
-        head_metrics = free_port()
-        argv = head_start[2:]
-        for flag, value in {
-            "--port": gcs,
-            "--dashboard-host": "127.0.0.1",
-            "--dashboard-port": dash,
-            "--metrics-export-port": head_metrics,
-            "--object-store-memory": 100 * 1024 * 1024,
-            "--node-ip-address": "127.0.0.1",
-            "--temp-dir": ray_tmp,
-            "--ray-client-server-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-        }.items():
-            argv = set_flag(argv, flag, str(value))
-        out["head_argv"] = argv
-        res = subprocess.run(
-            [*RAY, "start", *argv], env=head_env, capture_output=True, text=True, timeout=120
-        )
-        assert res.returncode == 0, f"ray start --head failed:\n{res.stdout}\n{res.stderr}"
-
-        # --- the head's compose healthcheck, against this head's dashboard
-        hcheck = [str(a) for a in services["ray-head"]["healthcheck"]["test"]]
-        assert hcheck[0] == "CMD", hcheck
-        hcheck = [a.replace(":8265/", f":{dash}/") for a in hcheck[1:]]
-        hcheck[0] = sys.executable if hcheck[0] == "python" else hcheck[0]
-        out["head_healthcheck"] = wait_for(
-            lambda: subprocess.run(hcheck, capture_output=True, timeout=30).returncode == 0,
-            60,
-            "the ray-head healthcheck to pass",
-            interval=1.0,
-        )
-
-        # --- one ray worker: the compose flags, --num-cpus=2, not blocking
-        wenv = proc_env(**services["ray-worker"]["environment"])
-        (worker_start,) = shell_steps(services["ray-worker"])
-        worker_metrics = free_port()
-        wargv = [a for a in worker_start[2:] if a != "--block"]
-        for flag, value in {
-            "--address": f"127.0.0.1:{gcs}",
-            "--num-cpus": 2,
-            "--metrics-export-port": worker_metrics,
-            "--object-store-memory": 100 * 1024 * 1024,
-            "--node-ip-address": "127.0.0.1",
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-        }.items():
-            wargv = set_flag(wargv, flag, str(value))
-        res = subprocess.run(
-            [*RAY, "start", *wargv], env=wenv, capture_output=True, text=True, timeout=120
-        )
-        assert res.returncode == 0, f"ray start (worker) failed:\n{res.stdout}\n{res.stderr}"
-        dashboard = f"http://127.0.0.1:{dash}"
-        wait_for(
-            lambda: len([n for n in state_list(dashboard, "nodes") if n["state"] == "ALIVE"]) == 2,
-            60,
-            "2 alive nodes in the state API",
-            interval=1.0,
-        )
-
-        # --- the driver: compose's `apex-dqn train ...`, redis host -> loopback
-        assert driver[:2] == ["exec", "apex-dqn"], driver
-        dargv = driver[2:]
-        url = urlsplit(flag_value(dargv, "--redis-url"))
-        auth = f":{url.password}@" if url.password else ""
-        url = urlunsplit((url.scheme, f"{auth}127.0.0.1:{rport}", url.path, "", ""))
-        summary = tmp / "summary.json"
-        dargv = set_flag(dargv, "--redis-url", url)
-        dargv = set_flag(dargv, "--logdir", str(tmp / "runs" / "compose"))
-        dargv += [*SMALL_RUN, "--max-seconds", "60", "--summary-json", str(summary)]
-        out["driver_argv"] = dargv
-        observer = Observer(dashboard, [head_metrics, worker_metrics])
-        observer.start()
-        dlog_path = tmp / "driver.log"
-        with open(dlog_path, "w") as dlog:
-            drv = subprocess.Popen(
-                [*CLI, *dargv],
-                env={**head_env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
-                cwd=REPO, stdout=dlog, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            observer.driver_pid = drv.pid
-            try:
-                drv.wait(360)
-            except subprocess.TimeoutExpired:
-                drv.kill()
-                drv.wait()
-        observer.stop_event.set()
-        observer.join(10)
-        out.update(
-            driver_rc=drv.returncode,
-            driver_log=dlog_path.read_text()[-6000:],
-            summary=json.loads(summary.read_text()) if summary.exists() else None,
-            observer=observer,
-        )
-    finally:
-        out["ray_left"] = stop_ray(ray_tmp)
-        if redis_proc is not None:
-            if redis_proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    import redis
-
-                    redis.Redis(port=out["redis_port"], password=out["redis_password"]).shutdown()
-                try:
-                    redis_proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    redis_proc.kill()
-                    redis_proc.wait(5)
-            out["redis_rc"] = redis_proc.returncode
-        for f in logs:
-            f.close()
-    yield out
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _driver_ok(run: dict) -> dict:
-    assert run["driver_rc"] == 0, f"apex-dqn train exited {run['driver_rc']}:\n{run['driver_log']}"
-    assert run["summary"], f"no summary JSON written:\n{run['driver_log']}"
-    return run["summary"]
-
-
-def test_compose_redis_healthcheck(compose_run):
-    if "healthcheck" not in compose_run:
-        pytest.skip("no redis-cli next to redis-server or on PATH to run the healthcheck with")
-    ok, bad = compose_run["healthcheck"]
-    assert ok == 0, "the redis healthcheck fails against a healthy server"
-    assert bad != 0, "the redis healthcheck passes with a wrong password"
-
-
-def test_compose_processes_train(compose_run):
-    s = _driver_ok(compose_run)
-    assert s["transitions"] > 0, f"no transitions reached the replay: {s}"
-    assert s["updates"] > 0, f"the learner made no updates: {s}"
-    assert s["weight_version"] > 0, f"no weights were published: {s}"
-
-
-def test_compose_actors_run_on_the_worker_node(compose_run):
-    _driver_ok(compose_run)
-    obs: Observer = compose_run["observer"]
-    heads = {n["node_id"] for n in obs.nodes if n.get("is_head_node")}
-    workers = {n["node_id"] for n in obs.nodes if not n.get("is_head_node")}
-    assert len(heads) == 1 and len(workers) == 1, f"nodes seen: {obs.nodes} {obs.errors[-3:]}"
-    actors = {k: v for k, v in obs.actors.items() if k.startswith("apex-actor-")}
-    assert sorted(actors) == ["apex-actor-0", "apex-actor-1"], (
-        f"named actors seen ALIVE in /api/v0/actors: {sorted(obs.actors)}; {obs.errors[-3:]}"
-    )
-    for name, row in actors.items():
-        assert row["node_id"] in workers, f"{name} ran on the head (--num-cpus=0 should forbid it)"
-    # Shards are pinned to the driver's node (the head in compose). Here both
-    # raylets share 127.0.0.1, so the driver may attach to either: compare with
-    # the node the state API lists the driver on.
-    assert obs.driver_node, f"the driver (pid {obs.driver_pid}) never showed in /api/v0/workers"
-    replay = [v for k, v in obs.actors.items() if k.startswith("apex-replay-")]
-    assert replay, f"no apex-replay-* actor seen: {sorted(obs.actors)}"
-    assert all(r["node_id"] == obs.driver_node for r in replay), (
-        f"replay shards left the driver's node {obs.driver_node} (heads {heads}, workers"
-        f" {workers}): {[(r['name'], r['node_id']) for r in replay]}\n{compose_run['driver_log']}"
-    )
-
-
-def test_compose_metrics_endpoints_serve_apex_metrics(compose_run):
-    _driver_ok(compose_run)
-    obs: Observer = compose_run["observer"]
-    text = "\n".join(obs.metrics.values())
-    assert text, "no node metrics endpoint answered during the run"
-    names = set(re.findall(r"^(?:ray_)?(apex_\w+)", text, flags=re.M))
-    for wanted in ("apex_updates", "apex_env_frames"):
-        assert any(n.startswith(wanted) for n in names), (
-            f"{wanted} not exported; saw {sorted(names)}"
-        )
-
-
-def test_compose_processes_stop_cleanly(compose_run):
-    assert not compose_run["ray_left"], f"Ray processes survived: {compose_run['ray_left']}"
-    assert compose_run["redis_rc"] == 0, "redis-server did not shut down cleanly"
-    assert not port_open(compose_run["redis_port"])
-
-
-# -------------------------------------------- ray.cluster_utils: 2 nodes ---
 
 PROBE = r"""
 import json, sys, time, ray
@@ -694,6 +627,7 @@ while time.time() < deadline:
 """
 
 
+@pytest.mark.slow  # starts a two-node Ray cluster of its own (~1.5 min)
 def test_cluster_utils_two_nodes(tmp_path, monkeypatch):
     """Head + 1 worker (1 CPU each): the 2 actors must spread over both nodes,
     one learner trains, and every actor receives published weights."""
@@ -729,7 +663,7 @@ def test_cluster_utils_two_nodes(tmp_path, monkeypatch):
         cluster.wait_for_nodes()
         dashboard = f"http://127.0.0.1:{dash}"
         wait_for(lambda: port_open(dash), 30, "the dashboard")
-        observer = Observer(dashboard, [])
+        observer = Observer(dashboard)
         observer.start()
         summary = tmp_path / "summary.json"
         probe = subprocess.Popen(

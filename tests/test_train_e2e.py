@@ -116,7 +116,7 @@ def cpu_has_bf16() -> bool:
 def test_catch_learns_through_the_distributed_pipeline(tmp_path, dtype):
     """The whole pipeline (Ray actor -> Redis replay -> learner -> weights back)
     learns Catch: random play averages about -0.6, the trained agent >= 0.8; with
-    the learner's torso in float32 and in bf16 autocast (float32 heads)."""
+    the learner's trunk in float32 and in bf16 autocast (float32 output layers)."""
     logdir = tmp_path / "catch"
     res = cli(
         *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "8"),
