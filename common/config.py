@@ -280,7 +280,7 @@ BOUNDS: dict[str, Bound] = {
         "sampled/inserted ratio; below 0.01 use 0 (no limit) instead",
         special=((0, "unlimited"),),
     ),
-    "loader_workers": Bound(1, 64, "sampling threads in the driver process"),
+    "loader_workers": Bound(1, 64, "loader processes next to the driver (one core each at most)"),
     "prefetch": Bound(
         1, 64, "batches queued in RAM, each 2 x B x 4 x 84 x 84 bytes: 29 MB at B=512"
     ),
