@@ -215,7 +215,12 @@ class FrameCodec:
         Raises :class:`WireError` on a bad frame (frames before it may already be
         written); the message names its index where it is known.
         """
-        m = len(blobs)
+        try:
+            m = len(blobs)
+        except TypeError:
+            raise WireError(
+                f"frames: expected a sequence of byte strings, got {type(blobs).__name__}"
+            ) from None
         rows = np.asarray(rows)
         if out.dtype != np.uint8 or out.ndim != 3 or out.shape[1:] != FRAME_SHAPE:
             raise ValueError(f"out: expected uint8[P, 84, 84], got {out.dtype}{list(out.shape)}")
@@ -229,7 +234,10 @@ class FrameCodec:
             raise ValueError(
                 f"rows must lie in [0, {out.shape[0]}), got {rows.min()}..{rows.max()}"
             )
-        head = blobs[0][:2] if isinstance(blobs[0], bytes) else b""
+        try:
+            head = bytes(blobs[0][:2]) if isinstance(blobs[0], bytes) else b""
+        except (TypeError, KeyError, IndexError):
+            raise WireError(f"frames: cannot index a {type(blobs).__name__}") from None
         if len(head) == 2 and head[0] == _FRAME_TAG and head[1] in (2, 3):
             try:
                 self._zstd_stream_into(blobs, out, rows, head)
@@ -243,7 +251,7 @@ class FrameCodec:
         i = 0
         try:
             for i, (blob, o) in enumerate(zip(blobs, offsets, strict=True)):  # noqa: B007 (i names the bad frame)
-                head = blob[:2]  # TypeError for None: not a frame
+                head = bytes(blob[:2])  # TypeError for None: not a frame
                 fn = into.get(head)
                 if fn is None:
                     fn = into[head] = self._into_fn(blob)

@@ -9,7 +9,7 @@ that counts as a clean rejection, a check run on every value that decoded, and a
 case generator ``(rng, corpus) -> list[(kind, input)]``. Append a factory
 ``(corpus) -> Target`` to `TARGETS` (e.g. the replay shard's ingest and reload,
 whose rejections are counted rather than raised); `test_fuzz_target` runs it and
-`test_fuzz_total` counts it toward the 10,000-case floor. The 10,512 cases here
+`test_fuzz_total` counts it toward the 10,000-case floor. The 17,868 cases here
 run in ~1 s on a 2-core machine, after ~7 s making the Pong frames (a session
 fixture other test files share).
 """
@@ -172,6 +172,25 @@ def frame_target(codec: str) -> Callable[[Corpus], Target]:
     return make
 
 
+def into_target(codec: str) -> Callable[[Corpus], Target]:
+    """`FrameCodec.decode_into`, the loader's path: the same hostile frames, each
+    decoded into its own row of a batch-sized array."""
+
+    def make(c: Corpus) -> Target:
+        reader = FrameCodec(codec, c.dictionary if codec == "zstd-dict" else None)
+        reader.set_dictionary(c.dictionary)
+        out = np.zeros((8, *FRAME_SHAPE), np.uint8)
+
+        def call(blobs: Any) -> np.ndarray:
+            n = len(blobs) if isinstance(blobs, list) else 1
+            reader.decode_into(blobs, out, np.arange(n) % len(out))
+            return out[:n]
+
+        return Target(f"FrameCodec.decode_into[{codec}]", call, frame_cases(codec), check_frames)
+
+    return make
+
+
 # ---- batches ------------------------------------------------------------------
 
 
@@ -252,10 +271,13 @@ def dictionary_target(c: Corpus) -> Target:
 
 TARGETS: list[Callable[[Corpus], Target]] = [
     *(frame_target(name) for name in CODEC_IDS),
+    *(into_target(name) for name in CODEC_IDS),
     batch_target,
     dictionary_target,
 ]
-TARGET_IDS = [f"frames-{n}" for n in CODEC_IDS] + ["batch", "dictionary"]
+TARGET_IDS = (
+    [f"frames-{n}" for n in CODEC_IDS] + [f"into-{n}" for n in CODEC_IDS] + ["batch", "dictionary"]
+)
 
 
 @pytest.fixture(scope="module")
