@@ -6,7 +6,7 @@ Prints ONE JSON object. In the same run, on the same device and network:
   device (no data movement at all): what the device can do.
 * ``updates_per_s_fed``: the training loop's hot path fed by the real replay:
   the launcher's `DataSource` (prioritized draws in this process; ``--loader-workers``
-  loader processes fetch with one MGET per shard and decode into shared batch
+  loader processes fetch with one round trip of MGETs per shard and decode into shared batch
   slots) against a `ReplayShard` in an embedded
   redis-server holding ``--transitions`` real Pong transitions (random play,
   n=3), the learner copies each batch to the device and steps, and new priorities

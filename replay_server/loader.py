@@ -15,7 +15,8 @@ Who does what, per batch:
    ``shard.sample``, i.e. the Ray calls to the shard actors) and writes their
    frame ids into the slot;
 2. its loader process (`replay_server.loader_worker`) fetches the frames
-   (one MGET per shard) and decodes them straight into the slot;
+   (one round trip of MGETs per shard, sent while it decodes the previous
+   batch) and decodes them straight into the slot;
 3. the feeder finishes the batch (`ReplaySampler.finish`) and queues it;
    ``sample(beta)`` takes it and computes the importance weights with the beta
    it is given (nothing else crosses threads).
@@ -329,7 +330,11 @@ class BatchLoader:
                     backoff = BACKOFF_S[0]
                 except ReplayUnavailable as exc:
                     self._unavailable(exc, asked_at)
-                    self._drain(proc, inflight)
+                    try:
+                        self._drain(proc, inflight)
+                    except (EOFError, BrokenPipeError):  # and the process died meanwhile
+                        self._drop(inflight)
+                        self._restart(proc)
                     self._stop.wait(backoff)
                     backoff = min(2 * backoff, BACKOFF_S[1])
                 except (EOFError, BrokenPipeError):  # the process died
@@ -382,13 +387,9 @@ class BatchLoader:
                 pass
 
     def _drain(self, proc: LoaderProcess, inflight: deque) -> None:
-        """After an outage: collect the other task's answer (its slot back)."""
+        """After an outage: collect the other tasks' answers (their slots back)."""
         while inflight and not self._stop.is_set():
-            try:
-                res = proc.result(timeout=0.2)
-            except EOFError:
-                self._drop(inflight)
-                raise
+            res = proc.result(timeout=0.2)  # EOFError: the caller restarts the process
             if res is None:
                 continue
             _, slot, draw, _ = inflight.popleft()

@@ -15,7 +15,7 @@ processes and ``sample`` runs in one thread::
 ``update_priorities(keys, priorities)`` and ``stats() -> ShardStats`` (a
 :class:`ReplayShard` in tests, a `RemoteShard` over a Ray actor in production);
 ``urls[k]`` is the Redis of that shard, which frames are read from directly
-(`replay_server.frames`: one MGET per shard per batch).
+(`replay_server.frames`: one round trip of MGETs per shard per batch).
 
 Why this differs from the paper: Ape-X samples one central replay; here a batch
 is split across shards by a multinomial draw with probabilities proportional
