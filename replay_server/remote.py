@@ -3,14 +3,13 @@
 The sampler wants ``sample``/``update_priorities``/``stats`` that return values;
 wrap each shard actor in a :class:`RemoteShard` before handing it over::
 
-    Shard = ray.remote(ReplayShard).options(max_concurrency=4, max_restarts=-1)
-    handle = Shard.remote(url, capacity_per_shard, alpha, codec)
-    handle.start.remote()
+    Shard = ray.remote(ReplayShard).options(max_concurrency=8, max_restarts=-1)
+    handle = Shard.remote(url, capacity_per_shard, alpha=alpha, codec=codec, autostart=True)
     sampler = ReplaySampler([RemoteShard(handle)], [url], codec, ...)
 
 A shard actor that is dead, restarting or not answering within ``timeout`` is an
-outage like a Redis that is down: ``sample`` and ``stats`` raise
-`ReplayUnavailable` (the caller backs off and retries; a restarted actor
+outage like a Redis that is down: every method raises `ReplayUnavailable` (the
+caller backs off and retries, or drops a priority update; a restarted actor
 answers again through the same handle).
 
 ``update_priorities`` waits for the shard's answer: the learner calls it from its
@@ -61,17 +60,20 @@ class RemoteShard:
             return ray.get(self.handle.sample.remote(batch_size), timeout=self.timeout)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
-        """Apply new priorities; returns how many the shard applied. Raises Ray's
-        errors (the shard is restarting: the caller drops this update)."""
+        """Apply new priorities; returns how many the shard applied. Raises
+        `ReplayUnavailable` (the shard is restarting: the caller drops this update)."""
         import ray
 
-        return ray.get(self.handle.update_priorities.remote(keys, priorities), timeout=self.timeout)
+        with _actor_errors(self.name):
+            ref = self.handle.update_priorities.remote(keys, priorities)
+            return ray.get(ref, timeout=self.timeout)
 
     def remove(self, keys: np.ndarray) -> int:
         """Make slots unsampleable (their frames are gone); see `ReplayShard.remove`."""
         import ray
 
-        return ray.get(self.handle.remove.remote(keys), timeout=self.timeout)
+        with _actor_errors(self.name):
+            return ray.get(self.handle.remove.remote(keys), timeout=self.timeout)
 
     def stats(self) -> ShardStats:
         import ray

@@ -34,7 +34,7 @@ import numpy as np
 
 from common.types import FRAME_SHAPE, STACK, SampleBatch
 from replay_server.frames import FetchResult, FrameFetcher
-from replay_server.protocol import ShardSample
+from replay_server.protocol import ReplayUnavailable, ShardSample
 from replay_server.rate_limiter import RateLimiter
 from replay_server.shard import SLOT_BITS
 
@@ -253,9 +253,11 @@ class ReplaySampler:
             self.dropped_rows += n - b
             self.missing_frames += result.missing
             self.corrupt_frames += result.corrupt
+        keys = np.concatenate([(np.int64(k) << SLOT_BITS) | r.keys for k, r in draw.parts])
+        if b < n:
+            self._remove(keys[~ok])
         if b == 0:
             return None
-        keys = np.concatenate([(np.int64(k) << SLOT_BITS) | r.keys for k, r in draw.parts])
         probs = np.concatenate([draw.share[k] * r.probs for k, r in draw.parts])
         cols = {
             name: np.concatenate([getattr(r, name) for _, r in draw.parts])[ok]
@@ -271,6 +273,17 @@ class ReplaySampler:
             discounts=cols["discounts"].astype(np.float32),
             n_all=draw.n_all,
         )
+
+    def _remove(self, keys: np.ndarray) -> None:
+        """Rows whose frames are missing or corrupt leave their shard's sum tree, so a
+        high-priority row that can never be delivered cannot starve sampling (rows
+        of slots evicted since the draw are ignored by the shard)."""
+        shard = keys >> SLOT_BITS
+        for k in np.unique(shard):
+            try:
+                self.shards[int(k)].remove(keys[shard == k] & SLOT_MASK)
+            except ReplayUnavailable:
+                pass  # drawn again later, dropped again, removed then
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         """Route new priorities (float[B]) of sampled keys (int64[B]) to their shards."""

@@ -204,10 +204,11 @@ def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
 
     sampler = ReplaySampler(shards, urls, min_size=1, seed=0)
     seen = np.zeros(2, int)
+    sizes = []
     for _ in range(4):
         batch = sampler.sample(200, 0.4)
         batch.validate()
-        assert len(batch) < 200
+        sizes.append(len(batch))
         shard_of = batch.keys >> SLOT_BITS
         slots = batch.keys & SLOT_MASK
         seen += np.bincount(shard_of, minlength=2)
@@ -224,3 +225,9 @@ def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
         assert intact[slots[shard_of == 0]].all(), "a row with a deleted frame was kept"
     assert seen.min() > 0, seen
     assert sampler.stats()["dropped_rows"] == 4 * 200 - seen.sum()
+    # Dropped rows leave the sum tree (weight 0: never drawn again); intact rows stay.
+    assert sizes[0] < 200, sizes
+    weight = shards[0]._tree.get(np.arange(len(intact)) % shards[0].capacity)
+    assert (weight[intact] > 0).all()
+    assert 0 < shards[0].stats().removed == int((weight[~intact] == 0).sum())
+    assert shards[1].stats().removed == 0
