@@ -370,3 +370,27 @@ def test_fleet_restart_after_kill_continues_the_decaying_schedule(ray_local, red
     finally:
         fleet.stop()
         ray.kill(store)
+
+
+def test_an_actor_that_cannot_start_stops_the_fleet_with_its_error(ray_local, redis_url):
+    """Ray does not restart a failed constructor; the fleet must not call ``run`` on
+    it forever either: the first poll after the failure raises FleetError."""
+    import ray
+
+    from deploy.fleet import ActorFleet, FleetError, start_weight_store
+
+    cfg = make_cfg("ApexCatch-v0", 2)
+    cfg.actor.actors = 1
+    cfg.env.env = "NoSuchGame-v0"  # the launcher refuses it first; here the actor meets it
+    store = start_weight_store()
+    fleet = ActorFleet(cfg, [redis_url])
+    try:
+        deadline = time.monotonic() + 60
+        with pytest.raises(
+            FleetError, match="actor 0 cannot start: .*unknown game 'NoSuchGame-v0'"
+        ):
+            while time.monotonic() < deadline:
+                fleet.poll(timeout=1.0)
+    finally:
+        fleet.stop(timeout=5)
+        ray.kill(store)

@@ -182,3 +182,32 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None:
     assert os.listdir(tmp_path) == ["c.pt"]  # no temp file left behind
     monkeypatch.undo()
     assert load_checkpoint(path)["counters"]["updates"] == 3
+
+
+def test_resume_alone_continues_the_run_of_the_checkpoint(tmp_path) -> None:
+    """`apex-dqn train --resume CKPT` alone: the run's own settings, its logdir
+    (where the checkpoint is, so the embedded replay's AOF is found again), no
+    password carried over; flags given with it still win."""
+    from common.config import Config
+    from deploy.cli import build_parser, config_from_args
+
+    cfg = Config()
+    cfg.env.env = "ApexCatch-v0"
+    cfg.actor.envs_per_actor = 8
+    cfg.replay.capacity = 30_000
+    cfg.replay.min_replay = 1_000
+    cfg.replay.redis_url = "redis://apex:hunter2hunter2@db:6379/0"
+    cfg.run.logdir = "/somewhere/else"  # where the run was, maybe on another machine
+    run_dir = tmp_path / "run"
+    path = save_checkpoint(
+        run_dir / "checkpoint.pt", trained(1).state_dict(), COUNTERS, cfg.to_dict(),
+        "ApexCatch-v0", 3,
+    )  # fmt: skip
+    args = build_parser().parse_args(["train", "--resume", path])
+    resumed = config_from_args(args, warn=lambda _: None)
+    assert resumed.env.env == "ApexCatch-v0" and resumed.actor.envs_per_actor == 8
+    assert resumed.replay.capacity == 30_000 and resumed.replay.min_replay == 1_000
+    assert resumed.run.logdir == str(run_dir.resolve()) and resumed.run.resume == path
+    assert resumed.replay.redis_url == ""  # stored redacted: given again, or embedded
+    args = build_parser().parse_args(["train", "--resume", path, "--envs-per-actor", "4"])
+    assert config_from_args(args, warn=lambda _: None).actor.envs_per_actor == 4

@@ -55,12 +55,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
-# Remove the xfail below when this holds on main.
-ISSUE_9 = (
-    "issue 9: the learner's ReplaySampler._fetch MGET raises redis.ConnectionError while "
-    "Redis restarts (the shards and actors ride it out), PrefetchLoader treats it as fatal "
-    "and the driver exits 1; passes when the restart falls between two fetches"
-)
 WORKERS = 2
 RUN_NAME = "compose-test"
 RUN_DIR = f"/data/runs/{RUN_NAME}"
@@ -395,7 +389,6 @@ def test_compose_metrics_healthchecks_and_no_password_in_argv(stack: Stack):
         assert stack.password not in argv, f"the password is in a container's command: {argv}"
 
 
-@pytest.mark.xfail(strict=False, reason=ISSUE_9)
 def test_compose_survives_redis_restart(stack: Stack):
     keys = stack.redis_keys()
     before = stack.updates()

@@ -197,3 +197,65 @@ def test_train_loop_stops_at_max_frames(tmp_path, catch_transitions) -> None:
     assert summary["stop_reason"] == "max_frames=1200 reached"
     assert summary["frames"] >= 1200
     assert summary["elapsed_s"] < 30
+
+
+class Diverging(Harness):
+    """Real batches, then (after a checkpoint was written) one with a NaN return."""
+
+    def __init__(self, data, ckpt: str, after: int):
+        super().__init__(data)
+        self.ckpt, self.after, self.calls = ckpt, after, 0
+
+    def sample(self, beta: float) -> SampleBatch:
+        batch = super().sample(beta)
+        self.calls += 1
+        import os
+
+        if self.calls > self.after and os.path.exists(self.ckpt):
+            batch.returns[0] = np.nan
+        return batch
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, catch_transitions):
+    from learner.loop import NonFiniteLoss
+
+    cfg = make_cfg(tmp_path, 60.0)
+    cfg.learner.checkpoint_minutes = 0.05  # every 3 s
+    cfg.learner.keep_checkpoints = 2
+    cfg.learner.learner_dtype = "float32"
+    ckpt = tmp_path / "checkpoint.pt"
+    h = Diverging(catch_transitions, str(ckpt), after=5)
+    metrics = Metrics(str(tmp_path / "tb"), use_ray=False)
+    learner = Learner(cfg, 3, "cpu")
+    loop = TrainLoop(
+        cfg, learner, sample=h.sample, update_priorities=h.update_priorities,
+        publish=h.publish, poll_external=h.poll, metrics=metrics,
+        checkpoint_path=str(ckpt), log=lambda _: None, poll_seconds=0.2,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"diverged at update \d+: the loss is nan") as err:
+        loop.run(threading.Event())
+    metrics.close()
+    assert str(ckpt) in str(err.value) and "--lr" in str(err.value)
+    good = load_checkpoint(ckpt)
+    assert good["counters"]["updates"] < learner.updates + 1
+    for tensor in good["model"].values():  # the kept checkpoint is finite
+        assert np.isfinite(tensor.numpy()).all()
+    numbered = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
+    assert 1 <= len(numbered) <= 2, numbered  # --keep-checkpoints 2
+    assert (tmp_path / numbered[-1]).stat().st_ino == ckpt.stat().st_ino  # the newest
+
+
+def test_keep_checkpoints_keeps_the_newest_k(tmp_path):
+    from learner.checkpoint import save_checkpoint
+
+    cfg = Config()
+    learner = Learner(cfg, 3, "cpu")
+    path = tmp_path / "checkpoint.pt"
+    for updates in (10, 20, 30, 40):
+        save_checkpoint(
+            path, learner.state_dict(), {"updates": updates}, cfg.to_dict(), "ApexCatch-v0", 3,
+            keep=3,
+        )  # fmt: skip
+    names = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
+    assert names == [f"checkpoint-{u:010d}.pt" for u in (20, 30, 40)]
+    assert load_checkpoint(path)["counters"]["updates"] == 40
