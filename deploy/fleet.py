@@ -199,7 +199,8 @@ class _ActorState:
     last: ActorStats | None = None
     base: dict = field(default_factory=lambda: dict.fromkeys(CUMULATIVE, 0))
     resets_base: int = 0
-    restarts: int = 0
+    restarts: int = 0  # new processes seen (Ray restarted the actor)
+    reruns: int = 0  # times ``run`` was called again
     run_failures: int = 0
     frames_at_failure: int = -1
     stats_ref: Any = None
@@ -294,8 +295,8 @@ class ActorFleet:
             except ray.exceptions.RayError as exc:  # run() raised: a bug or a broken env
                 self._note_run_failure(a, exc)
                 reason = f"run failed: {_cause(exc)}"
-            a.restarts += 1
-            log.warning("actor %d: %s; calling run again (restart %d)", a.index, reason, a.restarts)
+            a.reruns += 1
+            log.warning("actor %d: %s; calling run again", a.index, reason)
             # The schedule goes on from this index's frames so far (the actor's
             # own counters start again at 0 when its process was restarted).
             a.run_ref = a.handle.run.remote(schedule_frames=self._schedule_frames(a))
@@ -355,11 +356,13 @@ class ActorFleet:
 
     @staticmethod
     def _absorb(a: _ActorState, s: ActorStats) -> list[tuple[float, int]]:
-        """Take one stats answer; returns the episodes it reports."""
-        if a.last is not None and s.frames < a.last.frames:
+        """Take one stats answer; returns the episodes it reports. A new process
+        (its counters began again, or another seed salt) is a restart."""
+        if a.last is not None and (s.frames < a.last.frames or s.seed_salt != a.last.seed_salt):
             for name in CUMULATIVE:  # the actor restarted: its counters began again
                 a.base[name] += getattr(a.last, name)
             a.resets_base += a.last.replay_resets
+            a.restarts += 1
         a.last = s
         return list(zip(s.episode_returns, s.episode_lengths, strict=False))
 
