@@ -334,7 +334,7 @@ BOUNDS: dict[str, Bound] = {
     "eval_video_every": Bound(1, 10**6, "evaluations per video", special=((0, "never"),)),
 }
 
-# Paths that end up inside the embedded redis-server's redis.conf (its data directory
+# Paths that end up inside the embedded redis-server's configuration (its data directory
 # lies under LOGDIR unless --data-dir says otherwise): a quote, a backslash or a
 # newline there would end the value and start a directive of the path's choosing.
 CONF_PATH_FIELDS = ("data_dir", "logdir")
@@ -487,7 +487,7 @@ class Config:
                         f"bad config value: {name}={path!r} contains "
                         f"{', '.join(repr(c) for c in bad)}: the embedded redis-server's data "
                         "directory (under --logdir unless --data-dir is set) is written into "
-                        "its redis.conf, where a newline, a quote or a backslash would end the "
+                        "its configuration, where a newline, a quote or a backslash would end the "
                         "value and start another directive. Choose a path without control "
                         "characters, quotes or backslashes"
                     )

@@ -64,9 +64,9 @@ BAD_FLAGS = [
     (["--eps-alpha", "inf"], "eps_alpha=inf must be a finite number in [0, 100]", "--eps-alpha"),
     (["--gamma", "0"], "gamma=0.0 must be in (0, 1]", "--gamma"),
     (["--max-frames", "1e30"], "max_frames=", "--max-frames"),
-    (["--data-dir", 'runs/a"b'], "data_dir='runs/a\"b' contains '\"'", "redis.conf"),
-    (["--data-dir", "runs/a\nsave 1 1"], "contains '\\n'", "redis.conf"),
-    (["--logdir", "runs/x'\ndir /etc"], "contains '\\n', \"'\"", "redis.conf"),
+    (["--data-dir", 'runs/a"b'], "data_dir='runs/a\"b' contains '\"'", "configuration"),
+    (["--data-dir", "runs/a\nsave 1 1"], "contains '\\n'", "configuration"),
+    (["--logdir", "runs/x'\ndir /etc"], "contains '\\n', \"'\"", "configuration"),
     (["--summary-json", "out\x00.json"], "control characters", "summary_json"),
 ]  # fmt: skip
 
