@@ -839,34 +839,27 @@ def _writer_frames_ok(fids: np.ndarray, incarnation: int) -> bool:
     return bool(np.all(np.diff(fids) == 1))
 
 
+def _valid(actions, returns, discounts, priorities, num_actions: int) -> np.ndarray:
+    """bool[n]: which transitions have sane fields (pushed or read back from Redis)."""
+    with np.errstate(invalid="ignore"):
+        return (
+            (actions >= 0)
+            & (actions < num_actions)
+            & np.isfinite(returns)
+            & (np.abs(returns) <= MAX_RETURN)
+            & (discounts >= 0)
+            & (discounts <= 1)
+            & np.isfinite(priorities)
+            & (priorities >= 0)
+            & (priorities <= MAX_PRIORITY)
+        )
+
+
 def _records_ok(batch, num_actions: int) -> np.ndarray:
     """bool[n]: which pushed transitions have sane fields."""
-    a, r, d, p = batch.actions, batch.returns, batch.discounts, batch.priorities
-    return (
-        (a >= 0)
-        & (a < num_actions)
-        & np.isfinite(r)
-        & (np.abs(r) <= MAX_RETURN)
-        & (d >= 0)
-        & (d <= 1)
-        & np.isfinite(p)
-        & (p >= 0)
-        & (p <= MAX_PRIORITY)
-    )
+    return _valid(batch.actions, batch.returns, batch.discounts, batch.priorities, num_actions)
 
 
 def _stored_ok(recs: np.ndarray, num_actions: int) -> np.ndarray:
     """bool[n]: which records read back from Redis have sane fields."""
-    a, r, d, p = recs["action"], recs["ret"], recs["disc"], recs["prio"]
-    with np.errstate(invalid="ignore"):
-        return (
-            (a >= 0)
-            & (a < num_actions)
-            & np.isfinite(r)
-            & (np.abs(r) <= MAX_RETURN)
-            & (d >= 0)
-            & (d <= 1)
-            & np.isfinite(p)
-            & (p >= 0)
-            & (p <= MAX_PRIORITY)
-        )
+    return _valid(recs["action"], recs["ret"], recs["disc"], recs["prio"], num_actions)
