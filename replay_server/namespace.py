@@ -47,6 +47,28 @@ META_LIMITS: dict[str, int] = {
 }
 
 
+def parse_meta(raw: dict[bytes, bytes]) -> tuple[dict[str, int], list[str]]:
+    """``HGETALL meta`` -> (the fields as ints, problems): every field known,
+    an integer, inside its `META_LIMITS` range."""
+    meta: dict[str, int] = {}
+    problems: list[str] = []
+    for name, value in raw.items():
+        field = name.decode(errors="replace")
+        limit = META_LIMITS.get(field)
+        try:
+            v = int(value)
+        except ValueError:
+            problems.append(f"metadata {field}={value[:40]!r} is not an integer")
+            continue
+        if limit is None:
+            problems.append(f"unknown metadata field {field!r}")
+        elif not 0 <= v < limit:
+            problems.append(f"metadata {field}={v} is out of range")
+        else:
+            meta[field] = v
+    return meta, problems
+
+
 class NamespaceError(RuntimeError):
     """The replay namespace cannot be used by this run; the message says why and what to do."""
 
@@ -157,20 +179,9 @@ def inspect_namespace(
     if not meta or b"capacity" not in meta:
         problems.append("it holds replay keys but no metadata (capacity, slots)")
         return problems
-    for name, raw in meta.items():
-        field = name.decode(errors="replace")
-        limit_v = META_LIMITS.get(field)
-        try:
-            value = int(raw)
-        except ValueError:
-            problems.append(f"metadata {field}={raw[:40]!r} is not an integer")
-            continue
-        if limit_v is None:
-            problems.append(f"unknown metadata field {field!r}")
-        elif not 0 <= value < limit_v:
-            problems.append(f"metadata {field}={value} is out of range")
-    if problems:
-        return problems
+    _, bad = parse_meta(meta)
+    if bad:
+        return problems + bad
     stored_cap = int(meta[b"capacity"])
     if stored_cap != capacity:
         problems.append(

@@ -71,7 +71,7 @@ from common.types import COUNTER_BITS, PRIORITY_FLOOR, STACK
 from common.wire import WireError, decode_batch
 from replay_server.frame_groups import FrameGroups
 from replay_server.keys import ReplayKeys
-from replay_server.namespace import META_LIMITS, NamespaceError, ReplayIdentity
+from replay_server.namespace import NamespaceError, ReplayIdentity, parse_meta
 from replay_server.protocol import ReplayUnavailable, ShardSample, ShardStats, replay_errors
 from replay_server.redis_proc import connect, redact
 from replay_server.sum_tree import SumTree
@@ -815,17 +815,9 @@ class ReplayShard:
 
 
 def _parse_meta(raw: dict[bytes, bytes], where: str) -> dict[str, int]:
-    meta: dict[str, int] = {}
-    for name, value in raw.items():
-        field_name = name.decode(errors="replace")
-        limit = META_LIMITS.get(field_name)
-        try:
-            v = int(value)
-        except ValueError:
-            raise NamespaceError(f"the {where} has metadata {field_name}={value[:40]!r}") from None
-        if limit is None or not 0 <= v < limit:
-            raise NamespaceError(f"the {where} has bad metadata {field_name}={v}")
-        meta[field_name] = v
+    meta, problems = parse_meta(raw)
+    if problems:
+        raise NamespaceError(f"the {where}: {'; '.join(problems)}")
     return meta
 
 
