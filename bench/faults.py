@@ -155,7 +155,8 @@ class TrainingRun:
 
     def descendants(self, marker: str) -> list[psutil.Process]:
         """This run's processes whose command line starts with ``marker``
-        (``ray::ReplayShard``, ``ray::ApexActor``, or a redis-server path)."""
+        (``ray::ReplayShard``, ``ray::ApexActor``), or for ``redis-server`` the
+        embedded server (redis-server or valkey-server, whatever its path)."""
         out = []
         try:
             for p in psutil.Process(self.proc.pid).children(recursive=True):
@@ -163,8 +164,9 @@ class TrainingRun:
                     cmd = " ".join(p.cmdline())
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                exe = os.path.basename(cmd.split(" ")[0])
                 if cmd.startswith(marker) or (
-                    marker == "redis-server" and "redis-server" in cmd.split(" ")[0]
+                    marker == "redis-server" and exe in ("redis-server", "valkey-server")
                 ):
                     out.append(p)
         except psutil.NoSuchProcess:
