@@ -6,9 +6,10 @@ fixed rate ``eps_i = eps_base ** (1 + eps_alpha * i / (N - 1))`` (``N = 1``:
 index ``i = a * E + j``, so a restarted actor keeps its rates.
 
 The decaying schedules (``exp``, ``linear``) give every env the same rate, going
-from ``eps_start`` to ``eps_end`` over ``eps_decay_frames`` emulator frames counted
-by this actor (a restarted actor starts its schedule again: the rate is a function
-of frames, not of learner progress).
+from ``eps_start`` to ``eps_end`` over ``eps_decay_frames`` emulator frames of this
+actor index (the rate is a function of frames, not of learner progress). A
+restarted actor, or a resumed run, goes on from where the index was:
+``ApexActor.run(schedule_frames=...)``, which `deploy.fleet.ActorFleet` passes.
 
 With one env in the whole run (``N = 1``) every step explores at ``eps_base``
 (0.4): nothing acts greedily-most; `single_env_warning` says so at start.

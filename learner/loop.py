@@ -269,8 +269,9 @@ class TrainLoop:
              (``data_wait_fraction`` = wait / wall time of the metrics window);
           4. ``learner.step(batch)`` (``step_time_s``; the target network is copied
              inside `Learner` every ``target_update`` updates);
-          5. new priorities queued to the background `PriorityWriter`
-             (fire-and-forget; the next update does not wait);
+          5. new priorities queued to the background `PriorityWriter` (the next
+             update does not wait; the writer applies them in order, and the
+             loop waits only when its bounded queue is full);
           6. every ``publish_seconds``, when there were updates:
              ``publish(version + 1, weights)`` (``publish_latency_s``); then the
              evaluation, if any, collects a result or starts on these weights;
