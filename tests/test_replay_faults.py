@@ -253,3 +253,27 @@ def test_namespace_identity_and_garbage_are_refused_before_use(
     assert list(client.scan_iter(match=KEYS.pattern())) == []
     assert client.get(b"someone-else") == b"keep me"
     assert inspect_namespace(client, KEYS, IDENTITY, **args) == []
+
+
+def test_train_refuses_a_replay_of_other_settings_before_starting(
+    server, make_pong_actor, pong_frames, tmp_path, monkeypatch, capsys
+):
+    """Through `apex-dqn train`: a Redis holding a Breakout replay stops a Pong run
+    with exit 2 naming --replay-reset, before Ray starts; the replay is untouched."""
+    from deploy.cli import main
+
+    client = redis.Redis.from_url(server.admin_url)
+    breakout = ReplayIdentity("ALE/Breakout-v5", 4, "lz4", 3, 0.99)
+    shard = ReplayShard(server.url, capacity=5_000, identity=breakout)
+    writer = ReplayWriter(server.url)
+    push(writer, make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames))
+    shard.ingest()
+    keys_before = sorted(client.scan_iter(match=KEYS.pattern()))
+    monkeypatch.setenv("APEX_REDIS_URL", server.url)
+    argv = ["train", "--env", "ALE/Pong-v5", "--capacity", "5000", "--min-replay", "100"]
+    code = main([*argv, "--logdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "cannot be used by this run" in err and "--replay-reset" in err, err
+    assert "Breakout" in err and server.password not in err
+    assert sorted(client.scan_iter(match=KEYS.pattern())) == keys_before
