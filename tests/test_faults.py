@@ -8,7 +8,7 @@ updates more than at the fault, so at least one batch was sampled after it), and
 each run must end by itself (``--max-seconds``) with exit status 0 and a summary
 whose counters match what was injected.
 
-About 2 x 2 minutes on 2 cores (marker ``e2e``: in the default suite, not in the
+About 2 x 1.5 minutes on 2 cores (marker ``e2e``: in the default suite, not in the
 fast tier).
 """
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
-    run, faults, _ = embedded_run(tmp_path, seconds=100)
+    run, faults, _ = embedded_run(tmp_path, seconds=65)
     try:
         code, s = run.finish(timeout=240)
     finally:
@@ -47,7 +47,7 @@ def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
 
 
 def test_run_survives_an_external_redis_down_full_and_back_empty(tmp_path):
-    run, faults, _, server = external_run(tmp_path, seconds=110)
+    run, faults, _, server = external_run(tmp_path, seconds=80)
     try:
         code, s = run.finish(timeout=300)
     finally:

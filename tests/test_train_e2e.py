@@ -121,7 +121,7 @@ def test_catch_learns_through_the_distributed_pipeline(tmp_path, dtype):
     res = cli(
         *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "8"),
         *("--learner-dtype", dtype),
-        *("--max-seconds", "120", "--min-replay", "1000", "--batch-size", "32"),
+        *("--max-seconds", "80", "--min-replay", "1000", "--batch-size", "32"),
         *("--target-update", "250", "--capacity", "20000", "--samples-per-insert", "4"),
         *("--loader-workers", "1", "--publish-seconds", "1", "--log-every", "10"),
         *("--logdir", str(logdir), "--summary-json", str(tmp_path / "summary.json")),
