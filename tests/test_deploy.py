@@ -470,7 +470,7 @@ def test_compose_driver_command_parses(monkeypatch):
         monkeypatch.setenv(k, v)
     cfg = config_from_args(build_parser().parse_args(argv[1:]))
     assert cfg.env.env == "ALE/Breakout-v5"
-    assert cfg.actor.actors == 4 and cfg.actor.envs_per_actor == 8
+    assert cfg.actor.actors == 3 and cfg.actor.envs_per_actor == 8
     assert cfg.run.max_frames == 1000
     assert cfg.run.logdir == "/data/runs/pong" and cfg.run.ray_address == "auto"
 
