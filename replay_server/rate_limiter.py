@@ -146,6 +146,13 @@ class InsertBudget:
     Off (the key deleted) when R = 0. A shard whose Redis is unavailable keeps
     its last budget until it is back (writers there buffer anyway).
 
+    A Redis that lost its data (its ``epoch`` key changed or vanished) starts
+    its ``pushed`` counter again at 0, so that shard's budget starts again too,
+    as at the start of a run: ``pushed_now + (allowed_inserts(sampled -
+    sampled_then) + tolerance) / shards``, i.e. a refill of ``min_size / shards``
+    and then the ratio. (Keeping the old base would let writers push the whole
+    lost history again unthrottled.)
+
     clients: one connected ``redis.Redis`` per shard (`connect`), owned here.
     """
 
@@ -161,24 +168,47 @@ class InsertBudget:
         self.clients, self.where, self.ratio = list(clients), list(where), ratio
         r = ratio.samples_per_insert
         self.tolerance = max(1000.0, 20 * batch_size / r) if r > 0 else 0.0
-        self.base: list[int | None] = [None] * len(self.clients)
+        n = len(self.clients)
+        # Per shard: `pushed` when its budget (re)started, the learner's `sampled`
+        # then, and the epoch of the data it counts (None: not seen yet / empty).
+        self.base: list[int | None] = [None] * n
+        self.sampled_at_base: list[float] = [0.0] * n
+        self.epoch: list[bytes | None] = [None] * n
+        self.restarts = 0  # budgets started again because a Redis lost its data
         self.update(0)
 
     def update(self, sampled: int) -> None:
-        share = 0.0
-        if self.ratio.samples_per_insert > 0:
-            share = (self.ratio.allowed_inserts(sampled) + self.tolerance) / len(self.clients)
+        r = self.ratio.samples_per_insert
         for k, client in enumerate(self.clients):
             try:
                 with replay_errors(self.where[k]):
-                    if self.ratio.samples_per_insert <= 0:
+                    if r <= 0:
                         client.delete(self.keys.budget)
                         continue
-                    if self.base[k] is None:
-                        self.base[k] = int(client.get(self.keys.pushed) or 0)
+                    epoch, pushed = client.mget([self.keys.epoch, self.keys.pushed])
+                    self._rebase(k, epoch, int(pushed or 0), sampled)
+                    own = self.ratio.allowed_inserts(sampled - self.sampled_at_base[k])
+                    share = (own + self.tolerance) / len(self.clients)
                     client.set(self.keys.budget, int(self.base[k] + share))
             except ReplayUnavailable:
                 continue  # writers of that shard cannot push now either
+
+    def _rebase(self, k: int, epoch: bytes | None, pushed: int, sampled: float) -> None:
+        if self.base[k] is None:  # first sight of this shard's Redis
+            self.base[k], self.epoch[k] = pushed, epoch
+        elif epoch != self.epoch[k] and (epoch is None or self.epoch[k] is not None):
+            # its data is gone (epoch vanished, or replaced by another one without us
+            # seeing it vanish); a first epoch set after a vanished one is the refill
+            # we already started, not a second loss
+            log.warning(
+                "insert budget of %s starts again: its Redis lost its data "
+                "(writers may refill %d transitions, then the ratio holds)",
+                self.where[k],
+                self.ratio.min_size // len(self.clients),
+            )
+            self.base[k], self.sampled_at_base[k] = pushed, float(sampled)
+            self.restarts += 1
+        self.epoch[k] = epoch
 
     def close(self) -> None:
         for client in self.clients:
