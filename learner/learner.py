@@ -303,10 +303,19 @@ class Learner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from `state_dict` output or a whole checkpoint dict (whose
-        ``counters["updates"]`` is used when ``updates`` is absent)."""
+        ``counters["updates"]`` is used when ``updates`` is absent).
+
+        The optimizer's moments come from the checkpoint, its hyperparameters
+        (lr, eps, betas/alpha, fused...) from this run's config: torch's
+        ``load_state_dict`` would bring back the saved ones, e.g. the RMSProp eps
+        1.5e-7 of checkpoints written before it became sqrt(1.5e-7), an old
+        ``--lr``, or ``fused`` of a CUDA run resumed on a CPU."""
         self.online.load_state_dict(state["model"])
         self.target.load_state_dict(state["target"])
+        ours = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, ours, strict=True):
+            group.update(hyper)
         updates = state.get("updates", state.get("counters", {}).get("updates", 0))
         self.updates = int(updates)
 

@@ -65,6 +65,28 @@ def test_resume_restores_counters_and_optimizer_exactly(tmp_path, optimizer: str
         assert torch.equal(pa, pb)
 
 
+def test_resume_takes_moments_from_the_checkpoint_and_hyperparameters_from_the_run(
+    tmp_path,
+) -> None:
+    from learner.learner import RMSPROP_EPS
+
+    a = trained(3, "rmsprop")
+    state = a.state_dict()
+    for group in state["optimizer"]["param_groups"]:  # as a checkpoint of an older run
+        group["eps"], group["lr"] = 1.5e-7, 0.5
+    path = save_checkpoint(
+        str(tmp_path / "c.pt"), state, COUNTERS, make_cfg().to_dict(), "ApexCatch-v0", 3
+    )
+    b = Learner(make_cfg(optimizer="rmsprop", target_update=2), 3, "cpu")
+    b.load_state_dict(load_checkpoint(path, expect_env="ApexCatch-v0", expect_actions=3))
+    for ga, gb in zip(a.optimizer.param_groups, b.optimizer.param_groups, strict=True):
+        assert gb["eps"] == RMSPROP_EPS != 1.5e-7
+        assert gb["lr"] == ga["lr"] != 0.5
+    for k, moments in a.optimizer.state_dict()["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(torch.as_tensor(value), b.optimizer.state_dict()["state"][k][name])
+
+
 def test_contents_load_with_weights_only_and_rng_round_trips(tmp_path) -> None:
     path = save(trained(1), str(tmp_path / "c.pt"))
     raw = torch.load(path, weights_only=True)  # nothing beyond tensors and plain values
