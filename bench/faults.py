@@ -4,7 +4,7 @@ Runs `apex-dqn train` (Pong, small settings) as a subprocess and injects real
 faults while it trains: kill -9 of the embedded redis-server (the driver
 restarts it), of the replay shard's process and of an actor's process (Ray
 restarts them); then, against a test-owned "external" redis-server: kill -9 and
-a restart 10 s later, ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
+a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
 *empty* (its data directory deleted). Prints ONE JSON object:
 
 * per fault: ``fault_s`` = how long the injected fault lasted (0 for a kill:
@@ -24,6 +24,7 @@ fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 
     python bench/faults.py            # both runs, ~4 minutes on 2 cores
     python bench/faults.py --only embedded
+    python bench/faults.py --only external --outage-s 300   # a 5-minute outage
 
 `TrainingRun` is also the harness of ``tests/test_faults.py``.
 """
@@ -246,9 +247,9 @@ def embedded_run(tmp: Path, seconds: float = 100.0) -> tuple[TrainingRun, list[d
 
 
 def external_run(
-    tmp: Path, seconds: float = 110.0
+    tmp: Path, seconds: float = 110.0, outage_s: float = 10.0
 ) -> tuple[TrainingRun, list[dict], float, EmbeddedRedis]:
-    """Faults of a Redis the run does not own: down for 10 s, OOM, back empty."""
+    """Faults of a Redis the run does not own: down for ``outage_s``, OOM, back empty."""
     import redis
 
     data = tmp / "external-redis"
@@ -262,12 +263,12 @@ def external_run(
     run.wait_updates(20, 120, "learning to start")
     t_first = time.monotonic()
 
-    def down_10s() -> None:
+    def down() -> None:
         srv = state["server"]
         t = time.monotonic()
         srv.kill()
         run.wait_line(r"replay: unavailable", 30, after=t)
-        time.sleep(max(0.0, 10.0 - (time.monotonic() - t)))  # the injected outage: 10 s
+        time.sleep(max(0.0, outage_s - (time.monotonic() - t)))  # the injected outage
         srv.restart()
 
     def oom_5s() -> None:
@@ -286,7 +287,7 @@ def external_run(
         state["server"] = EmbeddedRedis(str(data), port=old.port, password=old.password)
 
     faults = [
-        inject(run, "redis-server down 10 s (external)", down_10s),
+        inject(run, f"redis-server down {outage_s:g} s (external)", down),
         inject(run, "OOM for 5 s (maxmemory)", oom_5s),
         inject(run, "redis-server back empty (data lost)", back_empty, timeout=180),
     ]
@@ -313,7 +314,16 @@ def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, sum
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=("embedded", "external"), help="one of the two runs")
+    ap.add_argument(
+        "--outage-s",
+        type=float,
+        default=10.0,
+        help="how long the external Redis stays down (default 10; the external run "
+        "trains that much longer)",
+    )
     args = ap.parse_args()
+    if not 1 <= args.outage_s <= 3600:
+        ap.error(f"--outage-s {args.outage_s:g}: give 1 to 3600 seconds")
     tmp = Path(tempfile.mkdtemp(prefix="apex-faults-"))
     out: dict[str, Any] = {}
     try:
@@ -325,7 +335,9 @@ def main() -> None:
                 run.stop()
             out["embedded"] = _report(run, faults, t0, code, summary)
         if args.only in (None, "external"):
-            run, faults, t0, server = external_run(tmp)
+            run, faults, t0, server = external_run(
+                tmp, seconds=100.0 + args.outage_s, outage_s=args.outage_s
+            )
             try:
                 code, summary = run.finish(300)
             finally:
