@@ -14,9 +14,11 @@ Reverb's ``SampleToInsertRatio``, held from both sides with one formula
   paper's free-running actors: with few actors the learner is the bottleneck, and
   unthrottled actors would make the effective ratio depend on the machine.
 
-``R = 0`` disables both (only ``min_size`` holds). At the first check, the
-learner's ``sampled`` is credited as if it had kept the ratio since
-``min_size`` (a resumed run against a full replay does not get a huge burst).
+``R = 0`` disables both (only ``min_size`` holds). Whenever sampling opens
+(the first check with ``min_size`` stored, and again after a replay that lost
+its data has been refilled), the learner's ``sampled`` is credited as if it had
+kept the ratio all along: a resumed run against a full replay, or a learner
+that waited for a refill while ``inserted`` (cumulative) grew, gets no burst.
 """
 
 from __future__ import annotations
@@ -82,12 +84,13 @@ class RateLimiter:
 
     def _ok(self, n: int, inserted: int, size: int) -> bool:
         if size < self.min_size or size < 1:
+            self._credited = False  # at the start, or the replay lost its data
             return False
         spi = self.samples_per_insert
         if spi <= 0:
             return True
         if not self._credited:
-            self.sampled = max(0.0, self.ratio.allowed_samples(inserted))
+            self.sampled = max(self.sampled, self.ratio.allowed_samples(inserted))
             self._credited = True
         tol = self.tolerance if self.tolerance is not None else 2.0 * n
         return self.sampled + n <= self.ratio.allowed_samples(inserted) + tol

@@ -121,6 +121,13 @@ def test_rate_limiter_arithmetic():
     resumed = RateLimiter(min_size=100, samples_per_insert=4.0, tolerance=64)
     assert resumed.try_acquire(64, inserted=10**6, size=1000)  # no burst after a resume
     assert not resumed.try_acquire(64, inserted=10**6, size=1000)
+    # The replay lost its data (size 0, inserted cumulative) and was refilled:
+    # 100 new inserts bring 400 samples of allowance; the learner waited, so it
+    # gets only the tolerance, as at the start of a run, not a burst of 400.
+    assert not resumed.try_acquire(64, inserted=10**6, size=0)
+    assert resumed.try_acquire(64, inserted=10**6 + 100, size=100)
+    assert not resumed.try_acquire(1, inserted=10**6 + 100, size=100)
+    assert resumed.try_acquire(4, inserted=10**6 + 101, size=101)  # then the ratio
 
 
 def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, make_pong_actor):
