@@ -8,7 +8,7 @@ a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 
 *empty* (its data directory deleted). Prints ONE JSON object:
 
 * per fault: ``fault_s`` = how long the injected fault lasted (0 for a kill:
-  what follows is the system's own recovery; 10 s down, 5 s of OOM), and
+  what follows is the system's own recovery; 10 s down unless ``--outage-s``, 5 s of OOM), and
   ``recover_s`` = seconds from the end of the fault until the learner has made
   ``RECOVERED`` more updates than it had at the fault (so at least one of them
   sampled after the fault: a loader process has up to 3 batches in flight and
