@@ -174,7 +174,11 @@ class ApexActor:
         self.num_actions = self._env.num_actions
         torch.manual_seed(int(torch_seed))
         self._policy = ActingNetwork(
-            self.num_actions, cfg.learner.dueling, self.num_envs, inference_dtype
+            self.num_actions,
+            cfg.learner.dueling,
+            self.num_envs,
+            inference_dtype,
+            network=cfg.network(),
         )
         self._rng = np.random.default_rng(int(act_seed))
         self.exploration = Exploration(a, actor_index, self.num_actors)

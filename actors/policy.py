@@ -31,8 +31,15 @@ class ActingNetwork:
     "auto" (timed at construction for ``batch``).
     """
 
-    def __init__(self, num_actions: int, dueling: bool, batch: int, dtype: str = "auto"):
-        self.net = QNetwork(num_actions, dueling=dueling).eval()
+    def __init__(
+        self,
+        num_actions: int,
+        dueling: bool,
+        batch: int,
+        dtype: str = "auto",
+        network: str = "nature",
+    ):
+        self.net = QNetwork(num_actions, dueling=dueling, network=network).eval()
         if dtype == "auto":
             dtype = self._fastest(batch)
         if dtype not in DTYPES:

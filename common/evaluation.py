@@ -171,6 +171,7 @@ class EpisodeRunner:
                  episodic life
     num_actions: the network's action count A; `ValueError` if the env's differs
     dueling:     the network's head (``cfg.learner.dueling``)
+    network:     the network's torso (``cfg.network()``: nature or small)
     parallel:    environments stepped together (episodes beyond it queue up)
     seed:        env and epsilon seed of the first `run` (later runs: their own)
 
@@ -182,6 +183,7 @@ class EpisodeRunner:
         env: EnvConfig,
         num_actions: int,
         dueling: bool = True,
+        network: str = "nature",
         protocol: EvalProtocol | None = None,
         parallel: int = 8,
         seed: int = 0,
@@ -191,7 +193,7 @@ class EpisodeRunner:
         self.spec: EnvSpec = resolve_env(self.env_cfg.env, self.env_cfg)
         self.parallel = max(1, parallel)
         self.seed = seed
-        self.net = QNetwork(num_actions, dueling=dueling).eval()
+        self.net = QNetwork(num_actions, dueling=dueling, network=network).eval()
         self.env = make_vector_env(self.env_cfg, self.parallel, seed=seed)
         if self.env.num_actions != num_actions:
             self.env.close()

@@ -1,13 +1,20 @@
-"""The Q-network: Nature DQN torso (Mnih et al. 2015) with an optional dueling head.
+"""The Q-network: a convolutional torso with an optional dueling head.
+
+Two torsos (``--network``):
+  ``nature``  Mnih et al. 2015: conv 32x8x8/4, 64x4x4/2, 64x3x3/1, 512 hidden units
+              (1.69M parameters dueling; ~11M multiply-adds per frame stack)
+  ``small``   Mnih et al. 2013: conv 16x8x8/4, 32x4x4/2, 256 hidden units (0.68M
+              parameters dueling; ~3.6M multiply-adds): ~2.5x the updates/s of
+              ``nature`` on one CPU thread (bench/learner.py), the CPU profile's default
 
 Input ``uint8[B, 4, 84, 84]`` (or float already scaled to [0, 1]); output
 ``float32[B, A]`` Q-values, a linear layer (no softmax: Q-values are unbounded).
 Dueling (Wang et al. 2016): ``Q = V + A - mean(A)``.
 
-Precision: the *trunk* (the convolutional torso and the 512-unit hidden layer of
+Precision: the *trunk* (the convolutional torso and the hidden layer (512 or 256 units) of
 each stream) may run in bfloat16, under ``torch.autocast`` (the learner) or with
 its weights cast (`set_trunk_dtype`, the actors), where that is faster. The
-*output layers* (512 -> 1 for V, 512 -> A for the advantages, or 512 -> A without
+*output layers* (hidden -> 1 for V, hidden -> A for the advantages, or -> A without
 dueling) and the dueling aggregation always run in float32, with autocast off
 around them, so the Q-values are float32 in every case. Why: bfloat16 has 8
 significant bits, a step of 0.031 at Q = 5 and 0.125 at Q = 20. Action gaps and
@@ -33,13 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+NETWORKS = ("nature", "small")
 
-class QNetwork(nn.Module):
-    def __init__(self, num_actions: int, dueling: bool = True, in_frames: int = 4):
-        super().__init__()
-        self.num_actions = num_actions
-        self.dueling = dueling
-        self.torso = nn.Sequential(
+
+def _torso(network: str, in_frames: int) -> tuple[nn.Sequential, int, int]:
+    """(torso, its output features, hidden units per stream) of ``network``."""
+    if network == "nature":
+        torso = nn.Sequential(
             nn.Conv2d(in_frames, 32, kernel_size=8, stride=4),
             nn.ReLU(),
             nn.Conv2d(32, 64, kernel_size=4, stride=2),
@@ -48,15 +55,41 @@ class QNetwork(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
-        features = 64 * 7 * 7
+        return torso, 64 * 7 * 7, 512
+    if network == "small":
+        torso = nn.Sequential(
+            nn.Conv2d(in_frames, 16, kernel_size=8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, kernel_size=4, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        return torso, 32 * 9 * 9, 256
+    raise ValueError(f"network {network!r}; choose one of {', '.join(NETWORKS)}")
+
+
+def network_of(model_state: dict) -> str:
+    """Which torso (``nature`` or ``small``) a `QNetwork` state dict holds."""
+    return "nature" if "torso.4.weight" in model_state else "small"
+
+
+class QNetwork(nn.Module):
+    def __init__(
+        self, num_actions: int, dueling: bool = True, in_frames: int = 4, network: str = "nature"
+    ):
+        super().__init__()
+        self.num_actions = num_actions
+        self.dueling = dueling
+        self.network = network
+        self.torso, features, hidden = _torso(network, in_frames)
         if dueling:
-            self.value = nn.Sequential(nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, 1))
+            self.value = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
             self.advantage = nn.Sequential(
-                nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, num_actions)
+                nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
             )
         else:
             self.head = nn.Sequential(
-                nn.Linear(features, 512), nn.ReLU(), nn.Linear(512, num_actions)
+                nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
             )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -79,7 +112,7 @@ class QNetwork(nn.Module):
             return stream[2](hidden.float())
 
     def output_layers(self) -> list[nn.Linear]:
-        """The layers that always run in float32 (512 -> 1 or A)."""
+        """The layers that always run in float32 (hidden -> 1 or A)."""
         streams = [self.value, self.advantage] if self.dueling else [self.head]
         return [s[2] for s in streams]
 

@@ -18,6 +18,7 @@ from typing import Any
 from common.atari_scores import ATARI_SCORES
 from common.config import Config
 from common.evaluation import EpisodeRunner, EvalProtocol
+from common.network import network_of
 from learner.checkpoint import CheckpointError, load_checkpoint
 
 MAX_PARALLEL = 8
@@ -57,6 +58,7 @@ def evaluate(
             cfg.env,
             num_actions,
             dueling=cfg.learner.dueling,
+            network=network_of(state["model"]),
             protocol=protocol,
             parallel=min(episodes, MAX_PARALLEL),
             seed=seed,
