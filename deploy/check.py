@@ -53,6 +53,8 @@ def check(cfg: Config) -> str:
         f"# derived: batch size {cfg.batch_size('cuda')} on CUDA / {cfg.batch_size('cpu')} on CPU, "
         f"learning rate {cfg.learning_rate():g}, {cfg.num_shards()} replay shard(s)",
     ]
+    if cfg.profile_note:
+        header.append(f"# {cfg.profile_note}")
     if cfg.eval.eval_every_minutes > 0:
         header.append(
             f"# evaluation: {cfg.eval.eval_episodes} episodes every "

@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(
     args: argparse.Namespace, warn: Any = lambda msg: print(msg, file=sys.stderr)
 ) -> Config:
-    """Defaults < the resumed checkpoint's settings < ``--config FILE`` < flags; the
-    Redis URL resolved (`Config.resolve_redis_url`); validated. ``warn`` gets one
-    line per warning.
+    """Defaults < the hardware profile (`common.profile`) < the resumed checkpoint's
+    settings < ``--config FILE`` < flags; the Redis URL resolved
+    (`Config.resolve_redis_url`); validated. ``warn`` gets one line per warning.
+    ``cfg.profile_note`` says which profile was applied and what it set.
 
     With ``--resume CKPT`` the run continues with the settings it was started
     with (game, replay, logdir: the checkpoint's directory), so ``--resume`` alone
@@ -196,6 +197,12 @@ def config_from_args(
         cfg.update(section, values, source=str(args.config))
     for section, values in overrides.items():
         cfg.update(section, values, source="flags")
+    if resume:
+        cfg.profile_note = f"profile {cfg.run.profile}: the resumed run's settings"
+    else:
+        explicit = {name for values in overrides.values() for name in values}
+        explicit |= {n for v in file_data.values() if isinstance(v, dict) for n in v}
+        cfg.profile_note = _apply_profile(cfg, explicit)
     flag_url = overrides.get("replay", {}).get("redis_url", "")
     if flag_url and url_secrets(flag_url):
         warn(
@@ -205,6 +212,28 @@ def config_from_args(
     for msg in cfg.resolve_redis_url():
         warn(f"apex-dqn train: {msg}")
     return cfg.validate()
+
+
+def _apply_profile(cfg: Config, explicit: set[str]) -> str:
+    """Resolve ``--profile`` (auto: gpu when the learner gets CUDA) and fill the
+    settings not in ``explicit``; returns the line that says what was chosen."""
+    import os
+
+    from common import profile
+
+    if cfg.run.profile not in profile.PROFILES:
+        raise ConfigError(
+            f"bad config value: profile={cfg.run.profile!r}; choose one of "
+            f"{', '.join(profile.PROFILES)}"
+        )
+    cuda = False
+    if cfg.run.profile == "auto" and cfg.learner.device == "auto":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    kind, reason = profile.resolve(cfg.run.profile, cfg.learner.device, cuda)
+    applied = profile.apply(cfg, kind, explicit, cpus=os.cpu_count() or 2)
+    return profile.describe(kind, reason, applied)
 
 
 def _resumed_config(path: str) -> Config:
@@ -239,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 print(check(cfg), end="")
                 return 0
+            print(f"[apex] {cfg.profile_note}", flush=True)
             from deploy.launcher import LaunchError, RunError, train
             from learner.loop import NonFiniteLoss
 

@@ -37,7 +37,7 @@ def test_yaml_config_file(tmp_path):
     "argv, fragment",
     [
         (["--actors", "0"], "actors=0 must be in [1, 10_000]"),
-        (["--capacity", "10", "--min-replay", "10"], "capacity=10 is below the batch size 64"),
+        (["--capacity", "10", "--min-replay", "10"], "capacity=10 is below the batch size 32"),
         (["--gamma", "1.5"], "gamma=1.5"),
         (["--n-step", "0"], "n_step=0"),
         (["--redis-url", "localhost:6379"], "must start with redis://"),

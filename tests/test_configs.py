@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common import profile
 from common.config import Config
 from deploy.cli import main
 
@@ -29,7 +31,11 @@ def test_check_accepts_each_config_and_prints_it_resolved(path, capsys):
     assert "this configuration is valid" in out
     printed = Config.from_dict(tomllib.loads(out), source="--check output")
     from_file = Config.from_file(path)
-    if "actors" not in tomllib.loads(path.read_text()).get("actor", {}):
+    # what the file leaves open, the hardware profile fills (printed resolved)
+    given = {k for v in tomllib.loads(path.read_text()).values() for k in v}
+    assert printed.run.profile in ("cpu", "gpu")
+    profile.apply(from_file, printed.run.profile, given, cpus=os.cpu_count() or 2)
+    if "actors" not in given:
         printed.actor.actors = from_file.actor.actors  # resolved for this machine's CPUs
     assert printed == from_file  # the printout is the whole config and reads back
 
