@@ -27,6 +27,15 @@ other processes on a shared machine hits both alike.
     python bench/learner.py --device cpu                 # batch 64, ~1 min on 2 cores
     python bench/learner.py --device cpu --dtype float32 --seconds 6
     python bench/learner.py --device cuda --seconds 20   # batch 512
+    python bench/learner.py --steps --batch-size 32      # the CPU update, step by step
+
+``--steps`` measures the cheaper CPU update one change at a time, each as the
+update ceiling (one batch, no data movement) relative to ``before`` in the same
+alternating rounds: ``before`` is the update as it was (Nature torso, Double DQN,
+Adam without the fused kernel, uint8 frames converted to float inside each of
+the three forward passes); then ``fused_adam``, ``convert_once`` (s' converted
+once for the online and the target network), ``no_double`` and ``small_network``
+(the CPU profile's torso), each adding to the one before.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -154,6 +164,95 @@ def measure(
     return ceil, fed, ceil32
 
 
+def _legacy_update(learner: Learner, batch) -> None:
+    """The update before the CPU work: each network call converts uint8 -> float."""
+    from learner.losses import dqn_loss, td_targets
+
+    q = learner.online(batch.obs)
+    with torch.no_grad():
+        target_next = learner.target(batch.next_obs)
+        online_next = learner.online(batch.next_obs) if learner.double else target_next
+    targets = td_targets(online_next, target_next, batch.returns, batch.discounts, learner.double)
+    loss, td_abs = dqn_loss(q, batch.actions, targets, batch.weights)
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(learner.online.parameters(), learner.grad_clip)
+    learner.optimizer.step()
+    td_abs.cpu().numpy()
+
+
+def cpu_steps(args: argparse.Namespace) -> dict:
+    """The ladder of ``--steps`` (see the module docstring): updates/s per step and
+    each step's ratio to ``before``, measured in alternating rounds."""
+    from learner.learner import ADAM_EPS
+
+    batch_size = args.batch_size or 32
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "obs": rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8),
+        "next_obs": rng.integers(0, 256, (batch_size, 4, 84, 84), dtype=np.uint8),
+        "actions": rng.integers(0, 6, batch_size).astype(np.int64),
+        "returns": rng.normal(size=batch_size).astype(np.float32),
+        "discounts": np.full(batch_size, 0.99**3, np.float32),
+        "weights": np.ones(batch_size, np.float32),
+    }
+
+    def make(network: str, double: bool, fused: bool) -> Learner:
+        cfg = Config()
+        cfg.learner.device = "cpu"
+        cfg.learner.learner_dtype = "float32"
+        cfg.learner.batch_size = batch_size
+        cfg.learner.network, cfg.learner.double = network, double
+        learner = Learner(cfg, num_actions=6, device="cpu")
+        if not fused:
+            learner.optimizer = torch.optim.Adam(
+                learner.online.parameters(), lr=cfg.learning_rate(), eps=ADAM_EPS
+            )
+        return learner
+
+    from learner.learner import DeviceBatch
+
+    dev = DeviceBatch(**{k: torch.from_numpy(v) for k, v in arrays.items()})
+    steps = {
+        "before": (make("nature", True, False), _legacy_update),
+        "fused_adam": (make("nature", True, True), _legacy_update),
+        "convert_once": (make("nature", True, True), Learner.update),
+        "no_double": (make("nature", False, True), Learner.update),
+        "small_network": (make("small", False, True), Learner.update),
+    }
+    counts = dict.fromkeys(steps, 0)
+    elapsed = dict.fromkeys(steps, 0.0)
+    for learner, fn in steps.values():
+        for _ in range(args.warmup):
+            fn(learner, dev)
+    chunk = args.seconds / args.rounds
+    for _ in range(args.rounds):
+        for name, (learner, fn) in steps.items():
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < chunk or n < 2:
+                fn(learner, dev)
+                n += 1
+            counts[name] += n
+            elapsed[name] += time.perf_counter() - t0
+    rates = {k: counts[k] / elapsed[k] for k in steps}
+    return {
+        "bench": "learner-cpu-steps",
+        "device_name": cpu_name(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "batch_size": batch_size,
+        "updates_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "ratio_to_before": {k: round(v / rates["before"], 3) for k, v in rates.items()},
+        "updates_timed": counts,
+        "seconds_per_step": args.seconds,
+        "rounds": args.rounds,
+        "baseline": "before: Nature torso, Double DQN, unfused Adam, uint8 -> float per forward",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -175,7 +274,15 @@ def main() -> None:
         default="auto",
         help="learner precision (--learner-dtype); bfloat16 also times a float32 ceiling",
     )
+    ap.add_argument("--network", choices=["nature", "small"], default="nature")
+    ap.add_argument("--no-double", action="store_true", help="plain DQN targets")
+    ap.add_argument(
+        "--steps", action="store_true", help="the CPU update one change at a time (no replay)"
+    )
     args = ap.parse_args()
+    if args.steps:
+        print(json.dumps(cpu_steps(args)))
+        return
 
     from replay_server.loader import DataSource
     from replay_server.redis_proc import EmbeddedRedis
@@ -188,6 +295,7 @@ def main() -> None:
     cfg.learner.batch_size = batch_size
     cfg.learner.learner_dtype = args.dtype
     cfg.learner.torch_threads = args.torch_threads
+    cfg.learner.network, cfg.learner.double = args.network, not args.no_double
     learner = Learner(cfg, num_actions=6, device=args.device)  # Pong: 6 actions
     f32 = None
     if learner.dtype == "bfloat16":
@@ -226,6 +334,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "batch_size": batch_size,
         "compile": args.compile,
+        "network": args.network,
+        "double": not args.no_double,
         "dtype": learner.dtype,
         "dtype_reason": learner.dtype_reason,
         "updates_per_s_fed": round(fed.rate, 3),

@@ -8,7 +8,8 @@ version without blocking and fetch the weights (zero-copy numpy) from their
 node's object store, so each node fetches each version once.
 
 Call order:
-  learner: ref = ray.put(weights_to_numpy(model)); store.publish(version, [ref])
+  learner: WeightPublisher(store).publish(version, weights_to_numpy(model)): ray.put,
+           then store.publish(version, [ref]) without waiting for its answer
   actor:   sub = WeightSubscriber(store_handle); every K steps: sub.poll()
            -> (version, weights) when a newer version has arrived, else None
 """
@@ -41,6 +42,39 @@ class WeightStore:
 
     def version(self) -> int:
         return self._version
+
+
+class WeightPublisher:
+    """Learner-side, non-blocking: ``publish(version, weights)`` puts the weights in
+    the object store and tells the store without waiting for its answer, so the
+    training loop never stalls on the store's round trip. At most one call is in
+    flight: a newer version waits (up to ``timeout`` seconds) for the previous
+    call's answer, so the store sees versions in order and a dead or unreachable
+    store raises within the deadline instead of hanging (Ray's error, or
+    ``TimeoutError``)."""
+
+    def __init__(self, store: Any, timeout: float = 60.0):
+        self._store = store
+        self._timeout = timeout
+        self._pending: Any = None
+
+    def publish(self, version: int, weights: dict[str, np.ndarray]) -> None:
+        import ray
+
+        self.wait()
+        self._pending = self._store.publish.remote(version, [ray.put(weights)])
+
+    def wait(self) -> None:
+        """Wait (bounded) for the call in flight, if any; raises its error."""
+        import ray
+
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        ready, _ = ray.wait([pending], timeout=self._timeout)
+        if not ready:
+            raise TimeoutError(f"the weight store did not answer within {self._timeout:g} s")
+        ray.get(pending)
 
 
 class WeightSubscriber:

@@ -3,10 +3,15 @@
 One code path for CPU and CUDA. On CUDA the batch's uint8 frames are copied
 into reusable pinned host buffers and sent with ``non_blocking`` copies (frames
 stay uint8 until they are on the device: 4x fewer bytes over PCIe), the networks
-run in ``channels_last``, Adam is the fused kernel, and ``torch.compile`` is
-applied when ``cfg.learner.compile``. On CPU the same code runs without copies
-(``torch.from_numpy``), with denormal floats flushed to zero (see ``__init__``: a
-10-40x slowdown otherwise).
+run in ``channels_last``, and ``torch.compile`` is applied when ``cfg.learner.compile``.
+On CPU the same code runs without copies (``torch.from_numpy``), with denormal
+floats flushed to zero (see ``__init__``: a 10-40x slowdown otherwise). Adam is
+torch's fused kernel on both (CPU too since torch 2.4; bench/learner.py).
+
+Per update, each frame batch is converted from uint8 to float once (``s'`` feeds
+both the online and the target network under Double DQN), and a bfloat16
+learner keeps its target network's trunk in bfloat16 (cast once per target copy,
+not by autocast on every update).
 
 Precision (``--learner-dtype``): ``bfloat16`` runs the trunk (convolutions and
 the 512-unit hidden layers) under bf16 autocast, on CUDA and CPU alike; the
@@ -18,7 +23,8 @@ and the loss are float32 either way (`common.network`, `learner.losses`).
 
 Call order (one update):
   1. batch -> device (uint8 frames, float32 returns/discounts/weights)
-  2. Q_online(s), and without gradient Q_online(s') (double) and Q_target(s')
+  2. s, s' -> float in [0, 1] (once each); Q_online(s), and without gradient
+     Q_online(s') (double) and Q_target(s')
   3. `losses.td_targets` + `losses.dqn_loss` (importance-weighted Huber)
   4. backward, clip the gradient norm to ``grad_clip`` (Ape-X: 40), optimizer step
   5. ``updates += 1``; every ``target_update`` updates copy online -> target
@@ -114,7 +120,9 @@ class Learner:
             # runs 10-40x slower (measured: 0.4-1.4 s vs 0.036 s at batch 32).
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.run.seed)
-        self.online = QNetwork(num_actions, dueling=lc.dueling).to(self.device)
+        self.online = QNetwork(num_actions, dueling=lc.dueling, network=cfg.network()).to(
+            self.device
+        )
         if self.cuda:
             self.online = self.online.to(memory_format=torch.channels_last)
         self.target = copy.deepcopy(self.online)
@@ -123,6 +131,8 @@ class Learner:
         self._pinned: dict[str, torch.Tensor] = {}
         batch_size = cfg.batch_size(self.device.type)
         self.dtype, self.dtype_reason = self._pick_dtype(lc.learner_dtype, batch_size)
+        if self.dtype == "bfloat16":  # its trunk cast once here and per copy, not per update
+            self.target.set_trunk_dtype(torch.bfloat16)
         log.info("learner: %s on %s (%s)", self.dtype, self.device, self.dtype_reason)
         self._online_fn: nn.Module = self.online
         self._target_fn: nn.Module = self.target
@@ -137,7 +147,10 @@ class Learner:
             return torch.optim.RMSprop(
                 params, lr=lr, alpha=RMSPROP_DECAY, eps=RMSPROP_EPS, centered=True
             )
-        return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=self.cuda or None)
+        try:  # fused on CUDA and, since torch 2.4, on CPU: one kernel for all parameters
+            return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS, fused=True)
+        except (RuntimeError, ValueError):  # a device or build without the fused kernel
+            return torch.optim.Adam(params, lr=lr, eps=ADAM_EPS)
 
     def _pick_dtype(self, wanted: str, batch_size: int) -> tuple[str, str]:
         if wanted in ("float32", "bfloat16"):
@@ -237,14 +250,15 @@ class Learner:
 
     def update(self, batch: DeviceBatch) -> dict[str, Any]:
         """`step` on a batch already on the device (see `to_device`)."""
-        obs, next_obs, actions = batch.obs, batch.next_obs, batch.actions
+        actions = batch.actions
         returns, discounts, weights = batch.returns, batch.discounts, batch.weights
-        with torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"
-        ):
+        obs, next_obs = _unit_float(batch.obs), _unit_float(batch.next_obs)
+        bf16 = self.dtype == "bfloat16"
+        with torch.no_grad():  # the target's trunk is already bfloat16 when bf16 is on
+            target_next = self._target_fn(next_obs)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             q = self._online_fn(obs)
             with torch.no_grad():
-                target_next = self._target_fn(next_obs)
                 online_next = self._online_fn(next_obs) if self.double else target_next
         # q, online_next, target_next are float32 (output layers run outside autocast)
         targets = td_targets(online_next, target_next, returns, discounts, self.double)
@@ -283,7 +297,8 @@ class Learner:
             )
 
     def update_target(self) -> None:
-        """Copy the online network's parameters into the target network."""
+        """Copy the online network's parameters into the target network (cast to its
+        trunk's dtype: bfloat16 for a bfloat16 learner)."""
         self.target.load_state_dict(self.online.state_dict())
 
     # ---- weights and state ---------------------------------------------------
@@ -296,7 +311,7 @@ class Learner:
         and plain Python values only: loadable with ``torch.load(weights_only=True)``)."""
         return {
             "model": self.online.state_dict(),
-            "target": self.target.state_dict(),
+            "target": {k: v.float() for k, v in self.target.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "updates": self.updates,
         }
@@ -318,6 +333,14 @@ class Learner:
             group.update(hyper)
         updates = state.get("updates", state.get("counters", {}).get("updates", 0))
         self.updates = int(updates)
+
+
+def _unit_float(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float32 in [0, 1], once per batch (what `QNetwork` would do
+    on each call); float input is passed through."""
+    if frames.dtype == torch.uint8:
+        return frames.float().div_(255.0)
+    return frames
 
 
 _TORCH_DTYPES: dict[np.dtype, torch.dtype] = {
