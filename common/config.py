@@ -145,11 +145,20 @@ class ActorConfig:
 
 @dataclass
 class LearnerConfig:
-    batch_size: int = _f(0, "minibatch size; 0 = 512 on CUDA, 64 on CPU (Ape-X: 512)")
+    batch_size: int = _f(
+        0,
+        "minibatch size; 0 = the profile's (gpu 512 as Ape-X, cpu 32), else 512 on CUDA, 64 on CPU",
+    )
     optimizer: str = _f("adam", "adam, or centered rmsprop as in Ape-X", ("adam", "rmsprop"))
     lr: float = _f(0.0, "learning rate; 0 = 1e-4 for adam, 0.00025/4 for rmsprop (Ape-X)")
     target_update: int = _f(2_500, "learner updates between target-network copies (Ape-X: 2500)")
     grad_clip: float = _f(40.0, "gradient-norm clip (Ape-X: 40)")
+    network: str = _f(
+        "",
+        "Q-network torso: nature (Mnih et al. 2015, Ape-X) or small (Mnih et al. 2013: "
+        "~2.5x the updates/s on a CPU); empty: the --profile's choice",
+        ("", "nature", "small"),
+    )
     dueling: bool = _f(True, "dueling value/advantage head (Wang et al. 2016)")
     double: bool = _f(True, "double-DQN target (van Hasselt et al. 2016)")
     publish_seconds: float = _f(1.0, "seconds of training between weight broadcasts")
@@ -166,16 +175,33 @@ class LearnerConfig:
         "start-up probe times it faster",
         ("auto", "float32", "bfloat16"),
     )
-    torch_threads: int = _f(0, "CPU threads for the learner's torch; 0 = torch default")
+    torch_threads: int = _f(
+        0,
+        "CPU threads for the learner's torch; 0 = the cores no local actor takes (cpu "
+        "profile: set by it), else torch's default",
+    )
 
 
 @dataclass
 class RunConfig:
+    profile: str = _f(
+        "auto",
+        "hardware profile filling the settings not given: gpu (the published Ape-X "
+        "settings), cpu (a learner on a few cores: small network, batch 32, ...), or "
+        "auto: gpu when the learner gets a CUDA device; printed at start, and stored "
+        "resolved in config.json",
+        ("auto", "cpu", "gpu"),
+    )
     logdir: str = _f("", "checkpoints, TensorBoard logs and redis data; default runs/<game>-<time>")
     max_seconds: float = _f(0.0, "stop after this many seconds; 0 = no limit")
     max_frames: int = _f(
         0,
         "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
+    )
+    max_updates: int = _f(
+        0,
+        "stop after this many learner updates (resumed ones included); 0 = no limit. "
+        "Bounds a run by work, not time: the same run on a slow or a busy machine",
     )
     resume: str = _f(
         "",
@@ -207,6 +233,9 @@ class EvalConfig:
     )
     eval_video_every: int = _f(
         5, "every K-th evaluation also writes one MP4 to LOGDIR/videos/; 0 = never"
+    )
+    keep_videos: int = _f(
+        20, "evaluation MP4s kept in LOGDIR/videos/ (the newest; older ones are deleted)"
     )
 
 
@@ -320,6 +349,7 @@ BOUNDS: dict[str, Bound] = {
     "max_frames": Bound(
         0, 10**12, "env frames; Ape-X used 2.3 x 10^10", special=((0, "no limit"),)
     ),
+    "max_updates": Bound(0, 10**12, "learner updates", special=((0, "no limit"),)),
     "log_every": Bound(0.1, 86_400, "seconds between progress lines"),
     "seed": Bound(
         0,
@@ -332,6 +362,7 @@ BOUNDS: dict[str, Bound] = {
     ),
     "eval_episodes": Bound(1, 10_000, "whole episodes per evaluation; published tables use 30"),
     "eval_video_every": Bound(1, 10**6, "evaluations per video", special=((0, "never"),)),
+    "keep_videos": Bound(1, 10**6, "MP4s kept on disk, ~0.1-2 MB each"),
 }
 
 # Paths that end up inside the embedded redis-server's configuration (its data directory
@@ -361,6 +392,9 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Not a setting: the line saying which hardware profile the CLI applied and what
+    # it set (`deploy.cli.config_from_args`); empty for a Config built in code.
+    profile_note = ""
 
     # ---- construction -------------------------------------------------
     @classmethod
@@ -561,6 +595,10 @@ class Config:
         if self.learner.batch_size > 0:
             return self.learner.batch_size
         return 512 if device_type == "cuda" else 64
+
+    def network(self) -> str:
+        """The Q-network torso: ``learner.network``, or ``nature`` when no profile chose."""
+        return self.learner.network or "nature"
 
     def learning_rate(self) -> float:
         if self.learner.lr > 0:

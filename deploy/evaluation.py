@@ -1,7 +1,8 @@
 """Ray wiring of evaluation during training: the named actor ``apex-eval``.
 
   apex-eval   `learner.evaluator.Evaluator`, num_cpus=1, anywhere with a free CPU
-              (it plays whole episodes: keep it off the learner's cores),
+              (it plays whole episodes: keep it off the learner's cores), at nice
+              ``EVAL_NICE`` (where cores are short, the learner and actors go first),
               max_restarts=-1 and no task retries (a crash fails that one
               evaluation, logged and counted; the next starts when due)
 
@@ -22,6 +23,10 @@ from common.config import Config
 from learner.evaluator import EvalFailed, EvalRequest, Evaluator
 
 EVAL_NAME = "apex-eval"
+# apex-eval's nice value (CFS weight 335 vs 1024): on a machine whose cores the
+# learner and the actors keep busy (2 cores) an evaluation takes about a quarter of
+# a core instead of a third of each, and with idle cores it runs at full speed.
+EVAL_NICE = 5
 
 
 class RayEvalBackend:
@@ -29,7 +34,9 @@ class RayEvalBackend:
 
     def __init__(self, cfg: Config, num_actions: int):
         cls = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=0)(Evaluator)
-        self.handle = cls.options(name=EVAL_NAME).remote(cfg, num_actions, torch_threads=1)
+        self.handle = cls.options(name=EVAL_NAME).remote(
+            cfg, num_actions, torch_threads=1, nice=EVAL_NICE
+        )
         self._ref: Any = None
 
     def submit(self, request: EvalRequest, weights: dict[str, np.ndarray]) -> None:

@@ -16,8 +16,9 @@
      takes the GPU when its node has one), fed by loader processes through
      `replay_server.loader.DataSource`; `RunMonitor` polls the roles for the loop;
   6. on the time/frame limit, Ctrl-C, SIGTERM, or a role that cannot run: stop
-     the actors, let the shards ingest what was pushed, write the final
-     checkpoint and the summary JSON (with what every fault cost, see
+     the actors, write the final checkpoint, score the final weights on
+     ``apex-eval`` (unless a role failed; a second Ctrl-C skips it), let the
+     shards ingest what was pushed, write the summary JSON (with what every fault cost, see
      `RunMonitor.summary`), stop the shards (they snapshot their index), shut
      down local Ray and the embedded redis-server(s).
 
@@ -129,6 +130,7 @@ def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
             expect_env=env_id,
             expect_actions=num_actions,
             expect_dueling=cfg.learner.dueling,
+            expect_network=cfg.network(),
             expect_optimizer=cfg.learner.optimizer,
         )
     except CheckpointError as exc:
@@ -378,8 +380,8 @@ def _run(
 ) -> dict:
     """Wire the roles together and train until told to stop. Returns the summary
     (with ``error`` set when a role could not go on)."""
-    import ray
 
+    from common.weights import WeightPublisher
     from deploy.fleet import ActorFleet, ReplayFleet, start_weight_store
     from learner.learner import Learner
     from learner.loop import TrainLoop
@@ -414,10 +416,10 @@ def _run(
     )
     metrics = Metrics(str(logdir / "tb"), use_ray=True)
 
-    def publish(version: int, weights: dict) -> None:
-        ray.get(store.publish.remote(version, [ray.put(weights)]))
-
+    publisher = WeightPublisher(store)
+    publish = publisher.publish
     publish(0, learner.get_weights())  # actors start from the learner's weights
+    publisher.wait()
     start_frames = int(((resume_state or {}).get("counters") or {}).get("frames", 0))
     actors = ActorFleet(cfg, urls, start_frames=start_frames)
     monitor = RunMonitor(actors, replay, backend, budget, data, stop)
@@ -435,13 +437,17 @@ def _run(
         log=out,
         evaluation=evaluation,
     )
+    ended = False
     try:
         summary = loop.run(stop)
+        ended = True
     finally:
-        if evaluation is not None:
-            evaluation.close()  # takes one that has just finished; drops a running one
         actors.stop()
         data.close()
+        if evaluation is not None:
+            if ended and monitor.error is None:
+                _final_evaluation(loop, out)
+            evaluation.close()  # takes one that has just finished; drops a running one
         replay.drain()
         monitor.final()
         replay.stop()
@@ -450,9 +456,23 @@ def _run(
     summary.update(monitor.summary(), logdir=str(logdir))
     if evaluation is not None:
         summary.update(evaluation.summary())
+        # one count of every file the run could not write (full disk): checkpoints,
+        # best.pt, videos, evals.jsonl
+        summary["checkpoint_failures"] += summary["eval_write_failures"]
     if monitor.error is not None:
         summary["error"] = str(monitor.error)
     return summary
+
+
+FINAL_EVAL_TIMEOUT_S = 900.0  # 10 long episodes on one busy core fit; a hung actor does not
+
+
+def _final_evaluation(loop: Any, out: Callable[[str], None]) -> None:
+    """Score the final weights; a second Ctrl-C (KeyboardInterrupt) skips it."""
+    try:
+        loop.final_evaluation(FINAL_EVAL_TIMEOUT_S)
+    except KeyboardInterrupt:
+        out("[apex] final evaluation skipped (Ctrl-C)")
 
 
 def _evaluation(

@@ -18,17 +18,24 @@ Layout (``FORMAT`` = "apex-dqn-checkpoint", ``VERSION`` = 1)::
                             (MT19937 state as plain values), python (random state)
 
 Writing goes to ``<path>.tmp-<pid>`` first, is fsync'ed, then ``os.replace``d over
-``path``: a crash mid-write leaves the previous checkpoint intact.
+``path``, and the directory is fsync'ed (so the rename itself survives a power
+cut): a crash mid-write leaves the previous checkpoint intact. A temporary file
+that a killed process left behind (its pid is gone) is deleted by the next save
+in that directory. A failed write (a full disk: ENOSPC) raises ``OSError`` and
+leaves the previous file and no temporary one.
 
 `save_checkpoint` with ``keep=K`` writes ``<stem>-<updates>.pt`` and makes
 ``path`` (``checkpoint.pt``) a hard link to it (a copy where links are not
-possible), then deletes all but the newest K numbered files: the last good
+possible), then deletes all but the K numbered files written last (by
+modification time, not by name: after ``--resume`` of an older checkpoint the
+new run's files are the ones kept, not the abandoned future): the last good
 checkpoints survive a bad one.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
 import random
 import re
@@ -103,17 +110,74 @@ def save_checkpoint(
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    sweep_stale_tmp(directory)
     tmp = f"{path}.tmp-{os.getpid()}"
+    # Serialized in memory first: torch.save straight into a file turns a full disk
+    # into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos";
+    # Python's own write raises OSError(ENOSPC), which callers can tell apart.
+    buf = io.BytesIO()
+    torch.save(state, buf)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(directory)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_TMP = re.compile(r".+\.tmp-(\d+)")
+
+
+def sweep_stale_tmp(directory: str) -> list[str]:
+    """Delete ``*.tmp-<pid>`` files in ``directory`` whose writer process is gone
+    (a kill -9 mid-write); returns the paths deleted."""
+    gone = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return gone
+    for name in names:
+        m = _TMP.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            gone.append(os.path.join(directory, name))
+        except OSError:
+            pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so a rename into it is durable (best effort: not every
+    filesystem allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _save_numbered(
@@ -136,13 +200,16 @@ def _save_numbered(
         except OSError:
             shutil.copyfile(numbered, tmp)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     pattern = re.compile(re.escape(os.path.basename(stem)) + r"-\d{10}" + re.escape(ext or ".pt"))
-    mine = sorted(
+    mine = [
         p for p in glob.glob(f"{glob.escape(stem)}-*") if pattern.fullmatch(os.path.basename(p))
-    )
+    ]
+    # newest written last; the file just written is newest even on a coarse clock
+    mine.sort(key=lambda p: (p == numbered, os.stat(p).st_mtime_ns, p))
     for old in mine[:-keep]:
         os.unlink(old)
     return numbered
@@ -160,6 +227,7 @@ def load_checkpoint(
     expect_actions: int | None = None,
     expect_dueling: bool | None = None,
     expect_optimizer: str | None = None,
+    expect_network: str | None = None,
 ) -> dict[str, Any]:
     """Read and check a checkpoint (tensors on CPU); raises `CheckpointError`.
 
@@ -170,6 +238,8 @@ def load_checkpoint(
                       read from the model's weights, not from its config
     expect_optimizer: refuse a checkpoint of another optimizer (``adam`` or
                       ``rmsprop``); read from the optimizer state's hyperparameters
+    expect_network:   refuse a checkpoint of the other torso (``nature`` or
+                      ``small``); read from the model's weights
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -221,6 +291,16 @@ def load_checkpoint(
                 f"but this run asks for a {'dueling' if expect_dueling else 'plain'} one; "
                 f"resume with {flag} (the architecture must match) or start a new run "
                 f"without --resume."
+            )
+    if expect_network is not None:
+        from common.network import network_of
+
+        torso = network_of(state["model"])
+        if torso != expect_network:
+            raise CheckpointError(
+                f"checkpoint {path} has the {torso} Q-network torso but this run asks for "
+                f"--network {expect_network}; resume with --network {torso} (the "
+                f"architecture must match) or start a new run without --resume."
             )
     if expect_optimizer is not None:
         used = optimizer_name(state["optimizer"])

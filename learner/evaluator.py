@@ -26,10 +26,13 @@ Two sides, both plain classes:
          ``eval_human_normalized``, ``eval_weight_version``, ``eval_env_frames``
          (step = the env frames at which the weights were taken);
       3. every ``eval_video_every``-th evaluation: ``LOGDIR/videos/eval-NNNN-...mp4``
-         (the first episode);
+         (the first episode); the newest ``keep_videos`` are kept;
       4. when its mean beats every earlier one: ``LOGDIR/best.pt``, the full
          checkpoint (model, target, optimizer, counters) of exactly the weights
          that were evaluated, with the record in ``counters["eval"]``.
+    A file that cannot be written (a full disk) is skipped with a warning and
+    counted (``write_failures``); the previous best.pt stays, the run goes on.
+    ``final(...)`` scores the final weights when the run ends.
     ``latest()`` feeds the progress line (``eval 12.3 @ 4.1M frames``),
     ``summary()`` the run's summary JSON.
 
@@ -108,6 +111,10 @@ class Evaluator:
     parallel:      environments stepped together (at most ``eval_episodes``)
     torch_threads: set torch's CPU threads for this process (the Ray actor: 1, its
                    one CPU); None leaves them (in-process use next to a learner)
+    nice:          raise this process's nice value by this much (the Ray actor: its
+                   episodes take the CPU that the learner and the actors leave, so
+                   on a 2-core machine evaluating does not starve the learner); 0
+                   leaves it (in-process use: it would renice the caller)
     Not thread-safe; one `evaluate` at a time (a Ray actor runs calls in order).
     """
 
@@ -117,14 +124,18 @@ class Evaluator:
         num_actions: int,
         parallel: int = MAX_PARALLEL,
         torch_threads: int | None = None,
+        nice: int = 0,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if nice > 0:
+            os.nice(nice)
         self.protocol = EvalProtocol.published()
         self.runner = EpisodeRunner(
             cfg.env,
             num_actions,
             dueling=cfg.learner.dueling,
+            network=cfg.network(),
             protocol=self.protocol,
             parallel=min(parallel, cfg.eval.eval_episodes),
             seed=cfg.run.seed,
@@ -189,7 +200,7 @@ class EvalBackend(Protocol):
 
 
 class ThreadBackend:
-    """An `Evaluator` in a thread of this process (tests, single-process debugging)."""
+    """An `Evaluator` in a thread of this process (the tests' backend)."""
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator
@@ -255,6 +266,7 @@ class PeriodicEvaluation:
         self.records = _read_records(self.logdir / EVALS_FILE)  # a resumed logdir goes on
         self.best = max((r["eval_return_mean"] for r in self.records), default=None)
         self.failures = 0
+        self.write_failures = 0  # best.pt, videos or evals.jsonl not written (full disk)
         self._pending: tuple[EvalRequest, dict[str, Any], dict[str, Any], float] | None = None
         self._warned_slow = False
         self._closed = False
@@ -329,15 +341,56 @@ class PeriodicEvaluation:
 
     def summary(self) -> dict[str, Any]:
         """For the run's summary JSON: the last and best mean, how many evaluations,
-        and best.pt when one was written."""
+        best.pt when one was written, and the files that could not be written."""
         best_path = self.logdir / BEST_FILE
         return {
             "eval_return_mean": self.records[-1]["eval_return_mean"] if self.records else None,
             "best_eval_return_mean": self.best,
             "evaluations": len(self.records),
             "evaluation_failures": self.failures,
+            "eval_write_failures": self.write_failures,
             "best_checkpoint": str(best_path) if best_path.is_file() else None,
         }
+
+    def final(
+        self,
+        version: int,
+        frames: int,
+        updates: int,
+        elapsed_s: float,
+        snapshot: Callable[[], Snapshot],
+        timeout: float,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[str, Any] | None:
+        """The run's last evaluation, of its final weights (``version``): waits for
+        one in flight, then plays ``version`` unless the last record already did.
+        Returns that record, or None when ``timeout`` seconds were not enough (the
+        evaluation is dropped, and said so) or it failed."""
+        deadline = self.clock() + timeout
+        while self._pending is not None and self.clock() < deadline:
+            self.collect()
+            if self._pending is not None:
+                sleep(0.2)
+        if self._pending is None and self.records and self.records[-1]["weight_version"] == version:
+            return self.records[-1]
+        if self._pending is None:
+            self.log(
+                f"[apex] final evaluation of weights v{version} ({self.cfg.eval.eval_episodes} "
+                "episodes; Ctrl-C again to skip)"
+            )
+            self.next_due = self.clock()
+            self.step(version, frames, updates, elapsed_s, snapshot)
+            done = len(self.records)
+            while self._pending is not None and self.clock() < deadline:
+                self.collect()
+                if self._pending is not None:
+                    sleep(0.2)
+            if len(self.records) > done:
+                return self.records[-1]
+        if self._pending is not None:
+            self.log(f"[apex] final evaluation not done within {timeout:g} s: dropped")
+            self._pending = None
+        return None
 
     def close(self) -> None:
         """Collect an evaluation that has just finished; abandon a running one.
@@ -352,6 +405,21 @@ class PeriodicEvaluation:
         self.backend.close()
 
     # ---- one finished evaluation -------------------------------------------------
+    def _prune_videos(self, directory: Path) -> None:
+        """Keep the newest ``keep_videos`` evaluation MP4s (by evaluation index)."""
+        videos = sorted(directory.glob("eval-*.mp4"))  # eval-NNNN-...: index order
+        for old in videos[: max(0, len(videos) - self.cfg.eval.keep_videos)]:
+            old.unlink(missing_ok=True)
+
+    def _write_failed(self, what: str, exc: OSError) -> None:
+        """A file of the evaluation could not be written (a full disk): an outage of
+        that writer only. Said, counted (``write_failures``), and the run goes on."""
+        self.write_failures += 1
+        self.log(
+            f"[apex] warning: {what} not written ({exc.strerror or exc}); the previous "
+            f"files are kept, training goes on ({self.write_failures} failed so far)"
+        )
+
     def _absorb(self, record: dict[str, Any], state: dict[str, Any], counters: dict) -> None:
         video = record.pop("video_bytes", None)
         record["video"] = None
@@ -364,27 +432,39 @@ class PeriodicEvaluation:
                     f"-frames{record['env_frames']}.mp4"
                 )
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(video)
-            record["video"] = str(path.relative_to(self.logdir))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(video)
+                record["video"] = str(path.relative_to(self.logdir))
+            except OSError as exc:
+                self._write_failed(f"video {path.name}", exc)
+                path.unlink(missing_ok=True)  # no half-written MP4
+            self._prune_videos(path.parent)
         mean = record["eval_return_mean"]
         record["best"] = self.best is None or mean > self.best
         record["time"] = time.time()
         if record["best"]:
-            self.best = mean
             from learner.checkpoint import save_checkpoint
 
-            save_checkpoint(
-                self.logdir / BEST_FILE,
-                state,
-                {**counters, "eval": {k: v for k, v in record.items() if k != "best"}},
-                self.cfg.to_dict(),
-                self.env_id,
-                self.num_actions,
-            )
+            try:
+                save_checkpoint(
+                    self.logdir / BEST_FILE,
+                    state,
+                    {**counters, "eval": {k: v for k, v in record.items() if k != "best"}},
+                    self.cfg.to_dict(),
+                    self.env_id,
+                    self.num_actions,
+                )
+                self.best = mean
+            except OSError as exc:  # the previous best.pt stays; a later one may beat it
+                record["best"] = False
+                self._write_failed(BEST_FILE, exc)
         self.records.append(record)
-        with open(self.logdir / EVALS_FILE, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with open(self.logdir / EVALS_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:  # the record is still in memory, the progress line and TB
+            self._write_failed(EVALS_FILE, exc)
         self.metrics.record(
             {
                 "eval_return_mean": mean,

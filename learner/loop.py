@@ -1,8 +1,8 @@
 """The training loop of the learner role: sample -> update -> priorities -> publish.
 
-`TrainLoop` only sees plain callables, so it runs the same in-process (tests,
-single-process debugging) and in the driver wired to Ray actors and replay
-shards (`deploy.launcher`).
+`TrainLoop` only sees plain callables, so it runs the same in the tests (fed
+in-process) and in the driver wired to Ray actors and replay shards
+(`deploy.launcher`). There is no single-process entry point for users yet.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class TrainLoop:
 
     cfg:               the run's `Config` (learner.publish_seconds,
                        learner.checkpoint_minutes, run.log_every, run.max_seconds,
-                       run.max_frames, replay.beta, replay.beta_anneal_updates)
+                       run.max_frames, run.max_updates, replay.beta,
+                       replay.beta_anneal_updates)
     learner:           the `Learner` (already restored when resuming)
     sample:            ``sample(beta) -> SampleBatch | None``; None = no batch yet
                        (replay below min_replay, rate-limited, timeout). Should block
@@ -221,6 +222,8 @@ class TrainLoop:
         self.last_checkpoint: str | None = None
         self._last_rates: dict[str, float] = {}
         self.evaluation = evaluation
+        self.elapsed = 0.0  # this run's seconds, set when `run` ends
+        self.checkpoint_failures = 0  # checkpoint writes that failed (full disk, ...)
         self._prio = PriorityWriter(update_priorities)
         self._poller = _Poller(poll_external, poll_seconds)
 
@@ -259,7 +262,8 @@ class TrainLoop:
     # ---- the loop -------------------------------------------------------------
     def run(self, stop: threading.Event) -> dict[str, Any]:
         """Train until ``stop`` is set, ``run.max_seconds`` have passed in this run, or
-        ``run.max_frames`` env frames (resumed ones included) were reached.
+        ``run.max_frames`` env frames or ``run.max_updates`` learner updates (resumed
+        ones included) were reached.
 
         Each iteration, each block timed:
           1. absorb the newest ``poll_external`` answer (taken by a background
@@ -278,11 +282,14 @@ class TrainLoop:
           7. every ``checkpoint_minutes``: atomic checkpoint (``checkpoint_s``);
           8. every ``metrics_seconds``: scalars; every ``log_every``: progress line.
         At exit (also on an exception): stop polling, flush the priority writer,
-        write the final checkpoint, record the last metrics.
+        publish the final weights as a new version (unless training diverged), write
+        the final checkpoint, record the last metrics. `final_evaluation` then
+        scores the final weights.
         Returns the summary: frames, transitions, updates, weight_version,
         episodes, mean_return / max_return (raw, last 100 episodes, None if
-        none), frames_per_s, updates_per_s (this run), checkpoint (path),
-        stop_reason, data_wait_fraction (whole run).
+        none), frames_per_s, updates_per_s (this run), checkpoint (the newest good
+        one's path; None when every write failed), stop_reason,
+        data_wait_fraction (whole run), checkpoint_failures.
         """
         lc, rc = self.cfg.learner, self.cfg.run
         start = time.monotonic()
@@ -349,6 +356,9 @@ class TrainLoop:
             self._poller.poll_now()
             self._absorb()
             elapsed = time.monotonic() - start
+            self.elapsed = elapsed
+            if not diverged:
+                self._publish_final(win)
             path = self.last_checkpoint if diverged else self._checkpoint(elapsed)
             self._record(win)
             self.metrics.flush()
@@ -369,6 +379,7 @@ class TrainLoop:
             "checkpoint": path,
             "stop_reason": reason,
             "priority_update_failures": self._prio.failures,
+            "checkpoint_failures": self.checkpoint_failures,
         }
         self.log(f"[apex] stopped ({reason}): {progress_line(self.snapshot())}")
         return summary
@@ -382,6 +393,8 @@ class TrainLoop:
             return f"max_seconds={rc.max_seconds:g} reached"
         if rc.max_frames and self.frames >= rc.max_frames:
             return f"max_frames={rc.max_frames} reached"
+        if rc.max_updates and self.learner.updates >= rc.max_updates:
+            return f"max_updates={rc.max_updates} reached"
         return ""
 
     def _absorb(self) -> None:
@@ -405,6 +418,35 @@ class TrainLoop:
         win.publish_latency = time.monotonic() - t0
         self.published_at_update = self.learner.updates
 
+    def _publish_final(self, win: _Window) -> None:
+        """The final weights get their own version (what the final evaluation and
+        the final checkpoint name); a failing publish only costs the actors them."""
+        try:
+            self._publish(win)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint comes first
+            log_.warning("final weight publish failed: %s", exc)
+
+    def final_evaluation(self, timeout: float) -> dict[str, Any] | None:
+        """After `run`: evaluate the final weights (`PeriodicEvaluation.final`), so a
+        run that ends by its time or frame limit, or by Ctrl-C, has its final score.
+        Call it once the actors have stopped (their CPU is the evaluator's then).
+        Returns the record, or None (no evaluation configured, timed out, failed)."""
+        if self.evaluation is None:
+            return None
+        elapsed = self.elapsed
+        return self.evaluation.final(
+            self.weight_version,
+            self.frames,
+            self.learner.updates,
+            self.base_elapsed + elapsed,
+            lambda: (
+                self.learner.get_weights(),
+                self.learner.state_dict(),
+                self.counters(elapsed),
+            ),
+            timeout=timeout,
+        )
+
     def _evaluate(self, elapsed: float) -> None:
         """Right after `_publish`: the learner's weights are those of ``weight_version``."""
         if self.evaluation is None:
@@ -421,21 +463,37 @@ class TrainLoop:
             ),
         )
 
-    def _checkpoint(self, elapsed: float) -> str:
+    def _checkpoint(self, elapsed: float) -> str | None:
         """Write a checkpoint, unless the network is no longer finite (then raise:
-        the last good checkpoint must never be overwritten by a diverged one)."""
+        the last good checkpoint must never be overwritten by a diverged one).
+
+        A write that fails (a full disk, a read-only or vanished logdir) is an
+        outage of the checkpoint writer, not of training: it is logged, counted
+        (``checkpoint_failures``), the last good checkpoint stays, and training
+        goes on; the next period tries again. Returns the newest good checkpoint
+        (None when none was written yet)."""
         if not self.learner.is_finite():
             raise NonFiniteLoss(self._diverged("a network weight is not finite"))
         t0 = time.monotonic()
-        save_checkpoint(
-            self.checkpoint_path,
-            self.learner.state_dict(),
-            self.counters(elapsed),
-            self.cfg.to_dict(),
-            self.env_id,
-            self.learner.num_actions,
-            keep=self.cfg.learner.keep_checkpoints,
-        )
+        try:
+            save_checkpoint(
+                self.checkpoint_path,
+                self.learner.state_dict(),
+                self.counters(elapsed),
+                self.cfg.to_dict(),
+                self.env_id,
+                self.learner.num_actions,
+                keep=self.cfg.learner.keep_checkpoints,
+            )
+        except OSError as exc:
+            self.checkpoint_failures += 1
+            self.log(
+                f"[apex] warning: checkpoint not written ({exc.strerror or exc}); the last "
+                f"good one ({self.last_checkpoint or 'none yet'}) is kept, training goes on "
+                f"({self.checkpoint_failures} failed so far)"
+            )
+            self.metrics.scalar("checkpoint_failures", self.checkpoint_failures, self.frames)
+            return self.last_checkpoint
         self.last_checkpoint = self.checkpoint_path
         self.metrics.scalar("checkpoint_s", time.monotonic() - t0, self.frames)
         return self.checkpoint_path

@@ -8,8 +8,12 @@ not in the list is an error, so dashboards and code cannot drift apart.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
+
+log_ = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {
     "episode_return": "raw (unclipped) score of a finished episode",
@@ -29,6 +33,8 @@ METRICS: dict[str, str] = {
     "publish_latency_s": "seconds to copy and publish one weight version",
     "step_time_s": "mean seconds per learner update (compute, no data wait)",
     "checkpoint_s": "seconds to write the last checkpoint",
+    "checkpoint_failures": "checkpoint, best.pt, video or evals.jsonl writes that failed "
+    "(a full disk; the last good file is kept), this run",
     "beta": "importance-sampling exponent in use",
     "env_frames": "emulator frames so far, all actors (resumed runs included)",
     "updates": "learner updates so far",
@@ -59,25 +65,67 @@ class Metrics:
     scalar(name, value, step):  one value (step: env frames, the x axis of every plot)
     record(values, step):       several; keys not in `METRICS` raise ValueError,
                                 None / NaN values are skipped
+
+    A TensorBoard file that cannot be written (a full disk: its writer thread dies
+    with ENOSPC and every later write would raise it) never stops training: the
+    writer is dropped with one warning, ``write_failures`` counts the lost writes,
+    and a new event file is tried every ``REOPEN_S`` seconds.
     """
+
+    REOPEN_S = 30.0
 
     def __init__(self, logdir: str | None, use_ray: bool = False):
         self.logdir = logdir
         self._writer: Any = None
-        if logdir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=logdir, flush_secs=10)
+        self.write_failures = 0
+        self._reopen_at = 0.0
+        self._open()
         self._use_ray = use_ray
         self._gauges: dict[str, Any] = {}
+
+    def _open(self) -> None:
+        if not self.logdir:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:
+            self._writer = SummaryWriter(log_dir=self.logdir, flush_secs=10)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.write_failures += 1
+        if self._writer is not None or self.write_failures == 1:
+            log_.warning(
+                "TensorBoard log %s not written (%s); training goes on, retrying every %g s",
+                self.logdir,
+                exc.strerror or exc,
+                self.REOPEN_S,
+            )
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - its thread died of the same error
+                pass
+        self._reopen_at = time.monotonic() + self.REOPEN_S
+
+    def _tb(self, fn: Any) -> None:
+        if self._writer is None and self.logdir and time.monotonic() >= self._reopen_at:
+            self._open()
+        if self._writer is None:
+            return
+        try:
+            fn(self._writer)
+        except OSError as exc:
+            self._failed(exc)
 
     def scalar(self, name: str, value: float | int | None, step: int) -> None:
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; add it to learner.metrics.METRICS")
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
-        if self._writer is not None:
-            self._writer.add_scalar(name, float(value), global_step=int(step))
+        self._tb(lambda w: w.add_scalar(name, float(value), global_step=int(step)))
         gauge = self._gauge(name)
         if gauge is not None:
             gauge.set(float(value))
@@ -103,11 +151,14 @@ class Metrics:
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            self._tb(lambda w: w.flush())
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as exc:
+                self._failed(exc)
             self._writer = None
 
 

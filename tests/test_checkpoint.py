@@ -233,3 +233,81 @@ def test_resume_alone_continues_the_run_of_the_checkpoint(tmp_path) -> None:
     assert resumed.replay.redis_url == ""  # stored redacted: given again, or embedded
     args = build_parser().parse_args(["train", "--resume", path, "--envs-per-actor", "4"])
     assert config_from_args(args, warn=lambda _: None).actor.envs_per_actor == 4
+
+
+@pytest.mark.parametrize("network", ["nature", "small"])
+def test_fused_adam_round_trips_through_a_checkpoint_and_resume(tmp_path, network: str) -> None:
+    """The CPU learner's fused Adam (torch >= 2.4): its moments and step counts come
+    back through a checkpoint and ``train --resume`` (the launcher's own resume
+    loading), still fused, and the next update is bit-identical."""
+    from deploy.cli import build_parser, config_from_args
+    from deploy.launcher import _load_resume
+
+    a = Learner(make_cfg(target_update=2, network=network), 3, "cpu")
+    for i in range(3):
+        a.step(make_batch(i))
+    assert all(g["fused"] for g in a.optimizer.param_groups)
+    cfg = make_cfg(target_update=2, network=network)
+    path = save_checkpoint(
+        tmp_path / "run" / "checkpoint.pt", a.state_dict(), COUNTERS, cfg.to_dict(),
+        "ApexCatch-v0", 3,
+    )  # fmt: skip
+    resumed = config_from_args(
+        build_parser().parse_args(["train", "--resume", path]), warn=lambda _: None
+    )
+    assert resumed.learner.network == network
+    b = Learner(resumed, 3, "cpu")
+    b.load_state_dict(_load_resume(resumed, "ApexCatch-v0", 3))
+    assert all(g["fused"] for g in b.optimizer.param_groups)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for name, value in sa[k].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[k][name]))
+    batch = make_batch(99)
+    assert a.step(batch)["loss"] == b.step(batch)["loss"]
+    for pa, pb in zip(a.online.parameters(), b.online.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_other_network_refused_on_resume(tmp_path) -> None:
+    a = Learner(make_cfg(network="small"), 3, "cpu")
+    path = save(a, str(tmp_path / "c.pt"))
+    with pytest.raises(CheckpointError, match="small Q-network torso.*--network nature"):
+        load_checkpoint(path, expect_network="nature")
+    assert load_checkpoint(path, expect_network="small")["num_actions"] == 3
+
+
+def test_keep_newest_by_write_order_after_resuming_an_older_checkpoint(tmp_path) -> None:
+    """Resumed from update 100 after the run had reached 300: the new run's files
+    (150, 160) are kept, the abandoned future (200, 300) goes first."""
+    path = str(tmp_path / "checkpoint.pt")
+    learner = trained(1)
+    for updates in (100, 200, 300):
+        save_checkpoint(path, learner.state_dict(), {**COUNTERS, "updates": updates},
+                        make_cfg().to_dict(), "ApexCatch-v0", 3, keep=3)  # fmt: skip
+    base = os.stat(tmp_path / "checkpoint-0000000300.pt").st_mtime_ns
+    for updates in (150, 160):
+        written = save_checkpoint(path, learner.state_dict(), {**COUNTERS, "updates": updates},
+                                  make_cfg().to_dict(), "ApexCatch-v0", 3, keep=3)  # fmt: skip
+        os.utime(written, ns=(base + updates, base + updates))  # a coarse clock: force order
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-0000000150.pt", "checkpoint-0000000160.pt",
+                    "checkpoint-0000000300.pt"]  # fmt: skip
+    assert load_checkpoint(path)["counters"]["updates"] == 160
+
+
+def test_a_killed_writers_temporary_file_is_swept(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f"checkpoint.pt.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f"best.pt.tmp-{os.getppid()}"  # a live writer's file stays
+    live.write_bytes(b"being written")
+    save(trained(1), str(tmp_path / "checkpoint.pt"))
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt.tmp-" + str(os.getppid()),
+                                                          "checkpoint.pt"]  # fmt: skip

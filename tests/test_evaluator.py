@@ -219,3 +219,73 @@ def test_thread_backend_surfaces_errors():
                 break
             time.sleep(0.01)
     backend.close()
+
+
+def test_final_evaluation_waits_for_the_one_in_flight_then_plays_the_final_weights(tmp_path):
+    """A run that ends gets the score of its final weights: an evaluation still
+    running is waited for (not dropped), then the final version is played; a
+    final version already evaluated is not played twice."""
+    cfg = catch_config(eval_video_every=0)
+    learner = Learner(cfg, CATCH_ACTIONS, "cpu")
+    clock, lines = Clock(), []
+    ev = PeriodicEvaluation(
+        cfg,
+        tmp_path,
+        ThreadBackend(Evaluator(cfg, CATCH_ACTIONS)),
+        Metrics(str(tmp_path / "tb")),
+        "ApexCatch-v0",
+        CATCH_ACTIONS,
+        log=lines.append,
+        clock=clock,
+    )
+    clock.t += 60.0
+    perturb(learner, seed=1)
+    ev.step(5, 500, 20, 60.0, snapshot(learner, 500))  # due: starts, still running
+    perturb(learner, seed=2)
+    final_digest = weights_digest(learner.get_weights())
+    naps = []
+
+    def nap(seconds: float) -> None:  # the real wait, and the test clock moves with it
+        naps.append(seconds)
+        time.sleep(seconds)
+        clock.t += seconds
+
+    record = ev.final(9, 900, 40, 90.0, snapshot(learner, 900), timeout=120.0, sleep=nap)
+    records = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert [r["weight_version"] for r in records] == [5, 9]  # the one in flight was kept
+    assert record is not None and record["weight_version"] == 9
+    assert record["weights_digest"] == final_digest and record["env_frames"] == 900
+    assert ev.summary()["eval_return_mean"] == record["eval_return_mean"]
+    assert any("final evaluation of weights v9" in line for line in lines)
+    # the same version again: answered from the record, nothing played
+    again = ev.final(9, 900, 40, 90.0, snapshot(learner, 900), timeout=5.0, sleep=nap)
+    assert again == record and len((tmp_path / "evals.jsonl").read_text().splitlines()) == 2
+    # a deadline that passes drops it and says so
+    perturb(learner, seed=3)
+    assert ev.final(10, 950, 41, 95.0, snapshot(learner, 950), timeout=0.0, sleep=nap) is None
+    assert "final evaluation not done within 0 s: dropped" in lines[-1]
+    ev.close()
+
+
+def test_videos_are_capped_at_keep_videos(tmp_path):
+    cfg = catch_config(eval_video_every=1, keep_videos=2)
+    learner = Learner(cfg, CATCH_ACTIONS, "cpu")
+    clock = Clock()
+    ev = PeriodicEvaluation(
+        cfg,
+        tmp_path,
+        ThreadBackend(Evaluator(cfg, CATCH_ACTIONS)),
+        Metrics(None),
+        "ApexCatch-v0",
+        CATCH_ACTIONS,
+        log=lambda _: None,
+        clock=clock,
+    )
+    records = []
+    for i in range(3):
+        clock.t += 60.0
+        ev.step(i + 1, 100 * (i + 1), i, 60.0 * (i + 1), snapshot(learner, 100 * (i + 1)))
+        records.append(wait_for_record(ev))
+    kept = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("videos/*.mp4"))
+    assert kept == [records[1]["video"], records[2]["video"]]  # the oldest one went
+    ev.close()
