@@ -118,6 +118,10 @@ def _chunk_index(suffix: bytes) -> int | None:
     return int(suffix) if re.fullmatch(rb"[0-9]{1,12}", suffix) else None
 
 
+def _type_name(typ: bytes | str) -> str:
+    return typ.decode() if isinstance(typ, bytes) else str(typ)
+
+
 def inspect_namespace(
     client: redis.Redis,
     keys: ReplayKeys,
@@ -153,8 +157,11 @@ def inspect_namespace(
         for key in others:
             pipe.type(key)
         types = pipe.execute() if others else []
-        meta = client.hgetall(keys.meta)
-        ident_raw = client.hgetall(keys.identity)
+        typeof = dict(zip(others, (_type_name(t) for t in types), strict=True))
+        # read only as the type they should be: a meta key of another type is a
+        # problem to report (exit 2 naming --replay-reset), not a WRONGTYPE traceback
+        meta = client.hgetall(keys.meta) if typeof.get(keys.meta) == "hash" else {}
+        ident_raw = client.hgetall(keys.identity) if typeof.get(keys.identity) == "hash" else {}
     for key, typ in zip(others, types, strict=True):
         typ = typ.decode() if isinstance(typ, bytes) else str(typ)
         suffix = key[len(prefix) :]

@@ -42,16 +42,41 @@ def test_td_targets_carry_no_gradient() -> None:
 
 
 def test_nstep_return_and_discount_from_rewards() -> None:
-    # rewards 1, 0, 1 over n=3 steps -> R = 1 + 0.99^2, discount 0.99^3
-    rewards = [1.0, 0.0, 1.0]
-    ret = sum(GAMMA**k * r for k, r in enumerate(rewards))
+    """The actors' real n-step code (`common.nstep.NStepAccumulator`) builds the
+    return and discount that `td_targets` bootstraps from: rewards 1, 0, 1 over
+    n=3 steps -> R = 1 + 0.99^2, discount 0.99^3; an episode that terminates
+    after 2 steps -> R = 1 + 0.99 * 0.5, discount 0 (no bootstrap)."""
+    from common.nstep import NStepAccumulator
+
+    acc = NStepAccumulator(num_envs=1, n=3, gamma=GAMMA)
+    stack = np.zeros((1, 4), np.int64)
+    no = np.zeros(1, bool)
+    out = None
+    for t, reward in enumerate([1.0, 0.0, 1.0]):
+        out = acc.add(stack + t, np.array([t % 2]), np.array([reward]), np.zeros(1, np.float32),
+                      stack + t + 1, no, no)  # fmt: skip
+    assert out is not None and len(out) == 1  # the window is full after n steps
     got = td_targets(
-        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([[0.0, 1.0]]),  # online argmax at s_{t+3}: action 1
         torch.tensor([[4.0, 2.0]]),
-        torch.tensor([ret]),
-        torch.tensor([GAMMA**3]),
+        torch.from_numpy(out.returns),
+        torch.from_numpy(out.discounts),
     )
     assert got.item() == pytest.approx(1.0 + 0.9801 + 0.970299 * 2.0, rel=1e-6)
+
+    acc = NStepAccumulator(num_envs=1, n=3, gamma=GAMMA)
+    acc.add(stack, np.array([0]), np.array([1.0]), np.zeros(1, np.float32), stack + 1, no, no)
+    out = acc.add(stack + 1, np.array([1]), np.array([0.5]), np.zeros(1, np.float32),
+                  stack + 2, np.ones(1, bool), no)  # fmt: skip
+    first = int(np.argmax(out.returns))  # the record from s_0: two rewards
+    got = td_targets(
+        torch.tensor([[0.0, 1.0]] * len(out)),
+        torch.tensor([[4.0, 2.0]] * len(out)),
+        torch.from_numpy(out.returns),
+        torch.from_numpy(out.discounts),
+    )
+    assert got[first].item() == pytest.approx(1.0 + GAMMA * 0.5, rel=1e-6)
+    assert out.discounts.tolist() == [0.0, 0.0]  # terminated: no bootstrap
 
 
 def test_huber_loss_weighted_on_taken_action() -> None:

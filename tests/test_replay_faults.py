@@ -243,6 +243,14 @@ def test_namespace_identity_and_garbage_are_refused_before_use(
     problems = inspect_namespace(client, KEYS, IDENTITY, **args)
     assert any("unknown key" in p for p in problems) and any("groups" in p for p in problems)
     client.delete(KEYS.prefix + b"zzz", KEYS.groups)
+    meta = client.hgetall(KEYS.meta)  # a meta key of the wrong type: reported, no WRONGTYPE
+    client.delete(KEYS.meta)
+    client.set(KEYS.meta, b"not a hash")
+    problems = inspect_namespace(client, KEYS, IDENTITY, **args)
+    assert any("meta" in p and "expected a hash" in p for p in problems), problems
+    client.delete(KEYS.meta)
+    client.hset(KEYS.meta, mapping=meta)
+    assert inspect_namespace(client, KEYS, IDENTITY, **args) == []
     client.hset(KEYS.meta, "capacity", 1 << 45)
     assert any("capacity" in p for p in inspect_namespace(client, KEYS, IDENTITY, **args))
     with pytest.raises(NamespaceError):  # refused before allocating anything

@@ -104,24 +104,32 @@ def cpu_has_bf16() -> bool:
 
 
 @pytest.mark.parametrize(
-    "dtype",
+    ("network", "dtype"),
     [
-        "float32",
+        ("nature", "float32"),
+        ("small", "float32"),
         pytest.param(
+            "nature",
             "bfloat16",
             marks=pytest.mark.skipif(not cpu_has_bf16(), reason="no bf16 units on this CPU"),
         ),
     ],
 )
-def test_catch_learns_through_the_distributed_pipeline(tmp_path, dtype):
+def test_catch_learns_through_the_distributed_pipeline(tmp_path, network, dtype):
     """The whole pipeline (Ray actor -> Redis replay -> learner -> weights back)
     learns Catch: random play averages about -0.6, the trained agent >= 0.8; with
-    the learner's trunk in float32 and in bf16 autocast (float32 output layers)."""
+    the Nature torso and the small (2013) one, the learner's trunk in float32 and
+    in bf16 autocast (float32 output layers). The run ends with its final
+    evaluation (10 greedy episodes of the final weights) in evals.jsonl; no
+    periodic one falls within its ~1-2 minutes."""
     logdir = tmp_path / "catch"
     res = cli(
         *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "8"),
-        *("--learner-dtype", dtype),
-        *("--max-seconds", "80", "--min-replay", "1000", "--batch-size", "32"),
+        *("--learner-dtype", dtype, "--network", network, "--double"),
+        # bound by work, not time: 3,000 updates (FACTS: ~2,000 learn it); the
+        # seconds are only a backstop for a hung run
+        *("--max-updates", "3000", "--max-seconds", "400"),
+        *("--min-replay", "1000", "--batch-size", "32"),
         *("--target-update", "250", "--capacity", "20000", "--samples-per-insert", "4"),
         *("--loader-workers", "1", "--publish-seconds", "1", "--log-every", "10"),
         *("--logdir", str(logdir), "--summary-json", str(tmp_path / "summary.json")),
@@ -129,7 +137,14 @@ def test_catch_learns_through_the_distributed_pipeline(tmp_path, dtype):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"learner: cpu, {dtype} (--learner-dtype {dtype})" in res.stdout
+    assert "[apex] profile cpu (auto: no CUDA device)" in res.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates=3000 reached" and summary["updates"] == 3000
+    # the final evaluation played the final weights (no periodic one in 80 s)
+    evals = [json.loads(line) for line in (logdir / "evals.jsonl").read_text().splitlines()]
+    assert evals[-1]["weight_version"] == summary["weight_version"]
+    assert summary["eval_return_mean"] == evals[-1]["eval_return_mean"]
+    assert len(evals[-1]["scores"]) == 10
     ev = cli(
         "evaluate",
         summary["checkpoint"],
