@@ -5,8 +5,9 @@ Call order (from the actor's loop, one thread)::
     box = ReplayOutbox(url, codec, limit, actor_index, refs=...)
     box.add_frames(counters, frames)   # every step: the E new frames, local counters
     box.add(batch)                     # transitions whose ids are local counters
-    box.flush(policy_version)          # every push_every steps: one round trip
-    box.throttle(stop, on_wait)        # after a push, while ahead of the insert budget
+    allowance = box.flush(policy_version)       # every push_every steps: one round trip
+    if allowance is not None:                   # (pushed, budget) after a good push
+        box.throttle(allowance, stop, on_wait)  # waits while ahead of the insert budget
 
 Frame ids: the actor numbers frames with a local counter; a push turns counters
 into global ids ``make_frame_id(writer.incarnation, counter)`` (see

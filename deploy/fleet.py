@@ -1,8 +1,11 @@
 """Ray wiring of the plain role classes: named actors, restarts, stats.
 
 The role classes (`actors.actor.ApexActor`, `replay_server.shard.ReplayShard`,
-`common.weights.WeightStore`) know nothing of Ray; this module makes them Ray
-actors with clear names (they show in the Ray dashboard under these names):
+`common.weights.WeightStore`) are plain classes that run without Ray (tests
+construct them directly); where Ray is running, ApexActor asks it only whether
+it was restarted, and the actor's `WeightSubscriber` fetches weights through it.
+This module makes them Ray actors with clear names (they show in the Ray
+dashboard under these names):
 
   apex-weights        WeightStore, num_cpus=0, on the driver's node
   apex-replay-<k>     ReplayShard k, num_cpus=0, on the driver's node,

@@ -1,7 +1,8 @@
 """Fetch a batch's frames from the shards' Redis and decode them in place.
 
 The hot path of the learner's data: for the rows one shard contributed to a
-batch, ``FrameFetcher.fetch`` asks for the rows' distinct frame ids in one round
+batch, ``FrameFetcher.fetch_batch`` (or ``begin`` then ``finish``, to overlap
+batches) asks for the rows' distinct frame ids in one round
 trip (MGETs of ``MGET_CHUNK`` keys, all sent at once, the command bytes packed by
 numpy), decodes each chunk as its reply arrives (so Redis prepares the next
 reply meanwhile), each frame once and straight into its first position in the
@@ -47,7 +48,7 @@ def stack_positions(rows: np.ndarray, capacity: int) -> np.ndarray:
 
 @dataclass
 class FetchResult:
-    """What `FrameFetcher.fetch` did for one shard's rows.
+    """What `FrameFetcher.fetch_batch` (or ``finish``) did for one shard's rows.
 
     ok:       bool[b]  rows whose 8 frames are all in place
     missing:  frames the Redis no longer held (evicted after the draw)

@@ -3,9 +3,11 @@
 Who calls what (each line is a seam; see the classes named):
 
 * writers (actors): `replay_server.writer.ReplayWriter.push` -> Redis directly;
-* the learner's sampler: ``shard.sample(batch_size) -> ShardSample`` and
-  ``shard.update_priorities(keys, priorities)`` on each `ReplayShard` (a Ray
-  actor in production, in-process in tests), then frames from Redis directly;
+* the learner's sampler: ``shard.sample(batch_size) -> ShardSample``,
+  ``shard.update_priorities(keys, priorities)`` and ``shard.remove(keys)`` (rows
+  whose frames turned out missing or corrupt leave the sum tree) on each
+  `ReplayShard` (a Ray actor in production through `replay_server.remote.RemoteShard`,
+  in-process in tests), then frames from Redis directly;
 * the driver: ``shard.stats() -> ShardStats``.
 
 Every Redis call on these paths goes through :func:`replay_errors`, which turns the

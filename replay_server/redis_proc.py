@@ -2,9 +2,11 @@
 
 :class:`EmbeddedRedis` runs a server binary (see :func:`find_redis_server`) with:
 
-* persistence: append-only file with ``appendfsync everysec`` (a crash of the
-  machine loses at most ~1 s of writes; a kill -9 of the server loses nothing it
-  acknowledged), no RDB snapshots (they fork and double memory);
+* persistence: append-only file with ``appendfsync everysec`` (the one
+  durability statement of this project: a kill -9 of the server loses nothing it
+  acknowledged, unless a slow disk made it postpone its AOF write, then up to
+  ~2 s of writes; a crash of the machine loses up to ~1-2 s), no RDB snapshots
+  (they fork and double memory);
 * memory: ``maxmemory`` (sized by the caller from the replay's capacity) with
   ``noeviction``: a full Redis refuses writes with ``OOM``, which the replay
   treats as an outage, instead of growing until the kernel kills something;

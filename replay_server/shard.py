@@ -37,8 +37,9 @@ Every ingest round also checks that Redis still holds what the index describes
   (``lost_in_resets``), evicts them all (slots stay monotonic) and refills;
   writers registered with the old data cannot write into the new (see
   `replay_server.writer`).
-* ``next_slot`` behind the index: Redis lost its newest writes (``appendfsync
-  everysec``: up to ~1 s after a kill -9). The shard reloads its index from
+* ``next_slot`` behind the index: Redis lost its newest writes (an older AOF, a
+  machine crash: up to ~1-2 s with ``appendfsync everysec``, see
+  `replay_server.redis_proc`). The shard reloads its index from
   Redis and counts the transitions that are gone (``lost``).
 
 Validation (nothing from Redis is trusted): a push that does not decode is
