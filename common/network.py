@@ -2,10 +2,12 @@
 
 Two torsos (``--network``):
   ``nature``  Mnih et al. 2015: conv 32x8x8/4, 64x4x4/2, 64x3x3/1, 512 hidden units
-              (1.69M parameters dueling; ~11M multiply-adds per frame stack)
-  ``small``   Mnih et al. 2013: conv 16x8x8/4, 32x4x4/2, 256 hidden units (0.68M
-              parameters dueling; ~3.6M multiply-adds): ~2.5x the updates/s of
-              ``nature`` on one CPU thread (bench/learner.py), the CPU profile's default
+              (3.29M parameters dueling; ~11M multiply-adds per frame stack)
+  ``small``   Mnih et al. 2013: conv 16x8x8/4, 32x4x4/2, 256 hidden units (1.34M
+              parameters dueling, most in the two hidden layers; ~3.6M multiply-adds
+              per frame stack): ~2.5x the updates/s of ``nature`` on one CPU thread
+              (bench/learner.py --steps); not the CPU profile's default, since it did
+              not win on time-to-score (docs/benchmarks.md)
 
 Input ``uint8[B, 4, 84, 84]`` (or float already scaled to [0, 1]); output
 ``float32[B, A]`` Q-values, a linear layer (no softmax: Q-values are unbounded).

@@ -101,9 +101,9 @@ _CPU = (
     Choice(
         "learner",
         "network",
-        "small",
-        "the 2013 DQN torso: more updates per second, and time-to-score decides "
-        "(bench/learning.py A/B in the README)",
+        "nature",
+        "time-to-score decides, not updates/s: --network small made 2x the updates and "
+        "tied at 30 minutes (docs/benchmarks.md), so the Nature torso stays",
     ),
     Choice(
         "learner",
@@ -115,7 +115,7 @@ _CPU = (
         "learner",
         "target_update",
         500,
-        "a copy every few seconds, not every few minutes, at CPU update rates",
+        "a copy every ~40 s at CPU update rates (~13/s), not every ~3 minutes",
     ),
     Choice(
         "learner",
@@ -134,8 +134,8 @@ _CPU = (
         "replay",
         "beta_anneal_updates",
         200_000,
-        "a fixed length, stated: about two hours of CPU updates (~25/s on 2 cores), "
-        "so beta moves 0.4 -> ~0.67 in the first hour, not to 0.43",
+        "a fixed length, stated: about four hours of CPU updates (~13/s on 2 cores), so "
+        "beta moves 0.4 -> ~0.54 in the first hour instead of 0.4 -> 0.43",
     ),
     Choice("replay", "loader_workers", 1, "batches of 32 decode in a fraction of one core"),
     Choice(

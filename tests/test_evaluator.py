@@ -156,6 +156,7 @@ def test_periodic_evaluation_records_each_result_and_keeps_the_best(tmp_path):
         "best_eval_return_mean": best["eval_return_mean"],
         "evaluations": 3,
         "evaluation_failures": 0,
+        "eval_write_failures": 0,
         "best_checkpoint": str(tmp_path / "best.pt"),
     }
     line = progress_line({"updates": 1, **ev.latest()})

@@ -38,13 +38,13 @@ def test_cpu_profile_on_two_cores() -> None:
     applied = profile.apply(cfg, "cpu", explicit=set(), cpus=2)
     lc, rc = cfg.learner, cfg.replay
     assert cfg.run.profile == "cpu"
-    assert (lc.network, lc.batch_size, lc.target_update, lc.double) == ("small", 32, 500, False)
+    assert (lc.network, lc.batch_size, lc.target_update, lc.double) == ("nature", 32, 500, False)
     assert (rc.samples_per_insert, rc.min_replay, rc.loader_workers) == (2.0, 10_000, 1)
     assert rc.beta_anneal_updates == 200_000 and cfg.eval.eval_every_minutes == 5.0
     # the split of the cores: one actor, one learner thread
     assert (cfg.actor.actors, lc.torch_threads) == (1, 1)
     assert {c.name for c in applied} >= {"network", "batch_size", "actors", "torch_threads"}
-    assert cfg.batch_size("cpu") == 32 and cfg.network() == "small"
+    assert cfg.batch_size("cpu") == 32 and cfg.network() == "nature"
     cfg.validate()
 
 
@@ -76,30 +76,30 @@ def test_explicit_settings_win_over_the_profile() -> None:
     applied = profile.apply(cfg, "cpu", explicit={"batch_size"}, cpus=2)
     assert cfg.learner.batch_size == 128 and "batch_size" not in {c.name for c in applied}
     line = profile.describe("cpu", "test", applied)
-    assert line.startswith("profile cpu (test): network small") and "batch-size" not in line
+    assert line.startswith("profile cpu (test): network nature") and "batch-size" not in line
 
 
 def test_cli_applies_the_profile_and_flags_win(tmp_path) -> None:
     cfg = cli_cfg("--profile", "cpu", "--batch-size", "64", "--no-double", "--actors", "3")
     assert cfg.run.profile == "cpu" and cfg.to_dict()["run"]["profile"] == "cpu"
     assert cfg.learner.batch_size == 64 and cfg.actor.actors == 3  # flags
-    assert cfg.learner.target_update == 500 and cfg.learner.network == "small"  # profile
+    assert cfg.learner.target_update == 500 and cfg.learner.double is False  # profile
     assert "profile cpu (--profile cpu)" in cfg.profile_note
     # a config file's keys win too, even when they equal the field's default
     path = tmp_path / "c.toml"
-    path.write_text("[learner]\ntarget_update = 2500\nnetwork = 'nature'\n")
+    path.write_text("[learner]\ntarget_update = 2500\nnetwork = 'small'\n")
     cfg = cli_cfg("--profile", "cpu", "--config", str(path))
-    assert (cfg.learner.target_update, cfg.learner.network) == (2500, "nature")
+    assert (cfg.learner.target_update, cfg.learner.network) == (2500, "small")
     assert cfg.learner.batch_size == 32
     cfg = cli_cfg("--profile", "gpu", "--device", "cpu")
-    assert cfg.learner.batch_size == 512 and cfg.learner.network == "nature"
+    assert cfg.learner.batch_size == 512 and cfg.learner.double is True
 
 
 def test_check_shows_the_profile(capsys) -> None:
     assert main(["train", "--profile", "cpu", "--env", "pong", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "# profile cpu (--profile cpu): network small, batch-size 32" in out
-    assert 'profile = "cpu"' in out and 'network = "small"' in out
+    assert "# profile cpu (--profile cpu): network nature, batch-size 32" in out
+    assert 'profile = "cpu"' in out and 'network = "nature"' in out
 
 
 def test_bad_profile_is_refused(capsys) -> None:
@@ -119,4 +119,4 @@ def test_cpu_profile_threads_follow_the_actors_given_and_leave_clusters_alone() 
     applied = profile.apply(cfg, "cpu", explicit={"ray_address"}, cpus=8)
     assert cfg.learner.torch_threads == 0 and cfg.actor.actors == Config().actor.actors
     assert {"actors", "torch_threads"}.isdisjoint(c.name for c in applied)
-    assert cfg.learner.network == "small"
+    assert cfg.learner.network == "nature" and cfg.learner.batch_size == 32
