@@ -187,7 +187,7 @@ class RunConfig:
     profile: str = _f(
         "auto",
         "hardware profile filling the settings not given: gpu (the published Ape-X "
-        "settings), cpu (a learner on a few cores: small network, batch 32, ...), or "
+        "settings), cpu (a learner on a few cores: batch 32, no Double DQN, ...), or "
         "auto: gpu when the learner gets a CUDA device; printed at start, and stored "
         "resolved in config.json",
         ("auto", "cpu", "gpu"),

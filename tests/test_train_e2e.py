@@ -126,7 +126,7 @@ def test_catch_learns_through_the_distributed_pipeline(tmp_path, network, dtype)
     res = cli(
         *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "8"),
         *("--learner-dtype", dtype, "--network", network, "--double"),
-        # bound by work, not time: 3,000 updates (FACTS: ~2,000 learn it); the
+        # bound by work, not time: 3,000 updates (a single-process check learned it in ~2,000); the
         # seconds are only a backstop for a hung run
         *("--max-updates", "3000", "--max-seconds", "400"),
         *("--min-replay", "1000", "--batch-size", "32"),
