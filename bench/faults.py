@@ -2,8 +2,8 @@
 
 Runs `apex-dqn train` (Pong, small settings) as a subprocess and injects real
 faults while it trains: kill -9 of the embedded redis-server (the driver
-restarts it), of the replay shard's process and of an actor's process (Ray
-restarts them); then, against a test-owned "external" redis-server: kill -9 and
+restarts it), of the replay shard's process, of an actor's process and of the
+weight store (``apex-weights``; Ray restarts them); then, against a test-owned "external" redis-server: kill -9 and
 a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
 *empty* (its data directory deleted). Prints ONE JSON object:
 
@@ -234,7 +234,8 @@ def rate(run: TrainingRun, t_from: float, t_to: float) -> float:
 
 
 def embedded_run(tmp: Path, seconds: float = 100.0) -> tuple[TrainingRun, list[dict], float]:
-    """Faults of the default setup: the driver's own redis-server, the shard, an actor."""
+    """Faults of the default setup: the driver's own redis-server, the shard, an
+    actor, the weight store."""
     run = TrainingRun([*SMALL, "--max-seconds", str(seconds)], tmp / "embedded")
     run.wait_updates(20, 120, "learning to start")
     t_first = time.monotonic()
@@ -242,6 +243,7 @@ def embedded_run(tmp: Path, seconds: float = 100.0) -> tuple[TrainingRun, list[d
         inject(run, "kill -9 redis-server (embedded)", lambda: run.kill9("redis-server")),
         inject(run, "kill -9 replay shard", lambda: run.kill9("ray::ReplayShard")),
         inject(run, "kill -9 actor", lambda: run.kill9("ray::ApexActor")),
+        inject(run, "kill -9 weight store", lambda: run.kill9("ray::WeightStore")),
     ]
     return run, faults, t_first
 

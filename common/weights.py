@@ -47,22 +47,40 @@ class WeightStore:
 class WeightPublisher:
     """Learner-side, non-blocking: ``publish(version, weights)`` puts the weights in
     the object store and tells the store without waiting for its answer, so the
-    training loop never stalls on the store's round trip. At most one call is in
-    flight: a newer version waits (up to ``timeout`` seconds) for the previous
-    call's answer, so the store sees versions in order and a dead or unreachable
-    store raises within the deadline instead of hanging (Ray's error, or
-    ``TimeoutError``)."""
+    training loop never stalls on the store's round trip.
+
+    At most one call is in flight, so the store sees versions in order. While the
+    previous call has not been answered (the store is restarting) a newer version
+    is skipped (``publish`` returns False, ``skipped`` counts it: the actors get a
+    later one); an error of the previous call is raised by the next ``publish``,
+    and a call unanswered for ``timeout`` seconds raises ``TimeoutError`` there,
+    so a dead store is said, never waited for forever. ``wait()`` blocks (up to
+    ``timeout``) for the call in flight: for the first version, before the actors
+    start."""
 
     def __init__(self, store: Any, timeout: float = 60.0):
         self._store = store
         self._timeout = timeout
         self._pending: Any = None
+        self._sent_at = 0.0
+        self.skipped = 0
 
-    def publish(self, version: int, weights: dict[str, np.ndarray]) -> None:
+    def publish(self, version: int, weights: dict[str, np.ndarray]) -> bool:
         import ray
 
-        self.wait()
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if not ready:
+                if time.monotonic() - self._sent_at < self._timeout:
+                    self.skipped += 1
+                    return False
+                self._pending = None
+                raise TimeoutError(f"the weight store did not answer within {self._timeout:g} s")
+            pending, self._pending = self._pending, None
+            ray.get(pending)  # the previous call's error, if it failed
         self._pending = self._store.publish.remote(version, [ray.put(weights)])
+        self._sent_at = time.monotonic()
+        return True
 
     def wait(self) -> None:
         """Wait (bounded) for the call in flight, if any; raises its error."""
@@ -83,7 +101,10 @@ class WeightSubscriber:
     ``poll()`` returns ``(version, weights: dict[str, np.ndarray])`` when a newer
     version has fully arrived, else None. The transfer of the weights themselves
     happens in Ray's object store in the background (``ray.wait`` with
-    ``fetch_local=True``), so env stepping never stalls for it.
+    ``fetch_local=True``), so env stepping never stalls for it. A store that died
+    (Ray restarts it: ``apex-weights`` has ``max_restarts=-1``) or weights that
+    cannot be fetched cost nothing but time: the actor keeps acting with the
+    weights it has and asks again (``failures`` counts such answers).
     """
 
     def __init__(self, store: Any):
@@ -94,8 +115,19 @@ class WeightSubscriber:
         self.version = -1
         self._pending_latest: Any = None  # ObjectRef of store.latest(...)
         self._pending_weights: tuple[int, Any] | None = None  # (version, ObjectRef)
+        self.failures = 0
 
     def poll(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        import ray
+
+        try:
+            return self._poll()
+        except ray.exceptions.RayError:  # the store died or restarts; the weights stay
+            self.failures += 1
+            self._pending_latest = self._pending_weights = None
+            return None
+
+    def _poll(self) -> tuple[int, dict[str, np.ndarray]] | None:
         import ray
 
         if self._pending_weights is not None:

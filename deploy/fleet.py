@@ -7,7 +7,9 @@ it was restarted, and the actor's `WeightSubscriber` fetches weights through it.
 This module makes them Ray actors with clear names (they show in the Ray
 dashboard under these names):
 
-  apex-weights        WeightStore, num_cpus=0, on the driver's node
+  apex-weights        WeightStore, num_cpus=0, on the driver's node, max_restarts=-1
+                      (restarted empty; the next publish, every second, fills it;
+                      actors keep their weights meanwhile)
   apex-replay-<k>     ReplayShard k, num_cpus=0, on the driver's node,
                       max_restarts=-1: a crash or kill -9 restarts it, and the new
                       process reloads its index from Redis and resumes ingesting
@@ -72,7 +74,13 @@ def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
 def start_weight_store() -> Any:
     from common.weights import WeightStore
 
-    cls = ray.remote(num_cpus=0, max_concurrency=4)(WeightStore)
+    # Restarted by Ray when it dies (kill -9, a crash): it holds only the newest
+    # version's ObjectRef (the weights themselves belong to the driver), the next
+    # publish fills it again, and calls made meanwhile are retried (both kinds are
+    # idempotent: publish keeps the newest version, latest only reads).
+    cls = ray.remote(num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=-1)(
+        WeightStore
+    )
     return cls.options(name=WEIGHTS_NAME, scheduling_strategy=driver_node_strategy()).remote()
 
 

@@ -67,14 +67,28 @@ class PriorityWriter:
     def put(self, keys: np.ndarray, priorities: np.ndarray) -> None:
         self._q.put((keys, priorities))
 
-    def flush(self) -> None:
-        """Wait until every queued update has been sent."""
-        self._q.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued update has been sent, at most ``timeout`` seconds
+        (None: no limit); returns whether they were."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._q.all_tasks_done.wait(left)
+        return True
 
-    def close(self) -> None:
-        self.flush()
-        self._q.put(None)
-        self._thread.join(timeout=30)
+    def close(self, timeout: float = 30.0) -> None:
+        """Send what is queued (at most ``timeout`` seconds: a replay that does not
+        answer loses these hints, said in the log, rather than hanging the stop)."""
+        if not self.flush(timeout):
+            log_.warning("priority updates not sent within %g s: dropped", timeout)
+        try:
+            self._q.put(None, timeout=1.0)
+        except queue.Full:
+            pass  # the thread is stuck in a call; it is a daemon
+        self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
         while True:
@@ -156,7 +170,9 @@ class TrainLoop:
                        at most about a second so that stop requests are seen.
     update_priorities: ``(keys int64[B], priorities float32[B]) -> None``; called
                        from a background thread (see `PriorityWriter`)
-    publish:           ``(version, weights dict[str, float32 ndarray]) -> None``
+    publish:           ``(version, weights dict[str, float32 ndarray]) -> Any``; may
+                       raise (logged, counted in ``publish_failures``; the next
+                       period publishes again)
     poll_external:     ``() -> dict`` with run totals from the actors and replay:
                        ``frames``, ``transitions`` (this run's totals),
                        ``episodes`` (list of (raw return, length) finished since the
@@ -187,7 +203,7 @@ class TrainLoop:
         learner: Learner,
         sample: Callable[[float], SampleBatch | None],
         update_priorities: Callable[[np.ndarray, np.ndarray], None],
-        publish: Callable[[int, dict], None],
+        publish: Callable[[int, dict], Any],
         poll_external: Callable[[], dict],
         metrics: Metrics,
         checkpoint_path: str,
@@ -224,6 +240,7 @@ class TrainLoop:
         self.evaluation = evaluation
         self.elapsed = 0.0  # this run's seconds, set when `run` ends
         self.checkpoint_failures = 0  # checkpoint writes that failed (full disk, ...)
+        self.publish_failures = 0  # weight publishes that failed (store restarting, ...)
         self._prio = PriorityWriter(update_priorities)
         self._poller = _Poller(poll_external, poll_seconds)
 
@@ -380,6 +397,7 @@ class TrainLoop:
             "stop_reason": reason,
             "priority_update_failures": self._prio.failures,
             "checkpoint_failures": self.checkpoint_failures,
+            "publish_failures": self.publish_failures,
         }
         self.log(f"[apex] stopped ({reason}): {progress_line(self.snapshot())}")
         return summary
@@ -410,21 +428,32 @@ class TrainLoop:
         return int(self.external.get("inserted", 0))
 
     def _publish(self, win: _Window) -> None:
+        """Publish the newest weights as the next version. A failing publish (the
+        weight store died and is restarting, or does not answer within its
+        deadline) is logged and counted (``publish_failures``); the actors keep
+        the weights they have, and the next period publishes again."""
         if self.learner.updates == self.published_at_update:
             return  # nothing new to send
         t0 = time.monotonic()
         self.weight_version += 1
-        self.publish(self.weight_version, self.learner.get_weights())
+        try:
+            self.publish(self.weight_version, self.learner.get_weights())
+        except Exception as exc:  # noqa: BLE001 - the store's outage is not training's
+            self.publish_failures += 1
+            if self.publish_failures <= 3 or self.publish_failures % 100 == 0:
+                self.log(
+                    f"[apex] warning: weight publish v{self.weight_version} failed "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"actors keep their weights, retrying every {self.cfg.learner.publish_seconds:g} s"
+                )
+            return
         win.publish_latency = time.monotonic() - t0
         self.published_at_update = self.learner.updates
 
     def _publish_final(self, win: _Window) -> None:
         """The final weights get their own version (what the final evaluation and
         the final checkpoint name); a failing publish only costs the actors them."""
-        try:
-            self._publish(win)
-        except Exception as exc:  # noqa: BLE001 - the checkpoint comes first
-            log_.warning("final weight publish failed: %s", exc)
+        self._publish(win)
 
     def final_evaluation(self, timeout: float) -> dict[str, Any] | None:
         """After `run`: evaluate the final weights (`PeriodicEvaluation.final`), so a

@@ -21,8 +21,8 @@ from bench.faults import RECOVERED, embedded_run, external_run
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
-    run, faults, _ = embedded_run(tmp_path, seconds=65)
+def test_run_survives_its_redis_server_shard_actor_and_weight_store_being_killed(tmp_path):
+    run, faults, _ = embedded_run(tmp_path, seconds=80)
     try:
         code, s = run.finish(timeout=240)
     finally:
@@ -33,6 +33,7 @@ def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
         "kill -9 redis-server (embedded)",
         "kill -9 replay shard",
         "kill -9 actor",
+        "kill -9 weight store",
     ]
     assert "restarted it on port" in log  # the driver's supervisor
     assert s["redis_restarts"] == 1 and s["shard_restarts"] == 1 and s["actor_restarts"] >= 1, s
@@ -44,6 +45,11 @@ def test_run_survives_its_redis_server_shard_and_actor_being_killed(tmp_path):
     assert s["transitions_dropped_by_actors"] == 0, s
     assert s["transitions_lost"] == s["transitions_lost_by_redis"] < 2_000, s
     assert "Traceback" not in log
+    # the weight store came back: the actors act with weights published after it
+    # (one a second), and no actor was restarted by its death (actor_restarts
+    # counts only the one kill -9 of an actor)
+    assert min(s["actor_weight_versions"]) >= s["weight_version"] - 15, s
+    assert s["actor_restarts"] == 1, s
 
 
 def test_run_survives_an_external_redis_down_full_and_back_empty(tmp_path):
