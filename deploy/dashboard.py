@@ -36,8 +36,10 @@ def local_token() -> str | None:
 
 def restrict_token_file() -> str | None:
     """chmod 600 the token file Ray uses when others can read it (Ray 2.60 writes
-    ``~/.ray/auth_token`` with the process umask, 0644 under the usual 022).
-    Returns the path it changed, else None."""
+    ``~/.ray/auth_token`` with the process umask, 0644 under the usual 022; the
+    launcher starts Ray under umask 077, so this only narrows a file that an
+    earlier ``ray start`` or another program wrote). Returns the path it changed,
+    else None."""
     if os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return None
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")

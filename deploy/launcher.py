@@ -281,6 +281,10 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
             out(f"[apex] warning: {cfg.actor.actors} actors on {cpus} CPUs; they will share cores")
     if address is not None:
         _check_reachable(address)
+    # Files ray.init creates are private from their first byte: Ray 2.60 writes its
+    # token file (~/.ray/auth_token) with the process umask, 0644 under the usual
+    # 022, and restrict_token_file() below could only narrow it afterwards.
+    umask = os.umask(0o077)
     try:
         # "local" always starts a new Ray: plain ray.init() would join a cluster
         # that `ray start` left running on this machine.
@@ -290,6 +294,8 @@ def _ray(cfg: Config, out: Callable[[str], None]) -> Iterator[None]:
             f"cannot reach Ray at {address!r}: {str(exc).splitlines()[0]}; "
             "start it with 'ray start --head' or omit --ray-address to use a local Ray"
         ) from None
+    finally:
+        os.umask(umask)
     try:
         url = getattr(ctx, "dashboard_url", None)
         if url:

@@ -252,3 +252,44 @@ def test_ray_token_file_made_private(tmp_path, monkeypatch):
     assert restrict_token_file() == str(token_file)
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert restrict_token_file() is None  # already private: nothing to do
+
+
+@pytest.mark.slow
+def test_the_launcher_starts_ray_so_its_token_file_is_private_from_the_start(tmp_path):
+    """A real local Ray with token auth, started the launcher's way under the usual
+    umask 022: Ray's token file is created 0600 (restrict_token_file finds
+    nothing to narrow), not world-readable until a chmod after ray.init."""
+    token = tmp_path / "auth_token"
+    code = (
+        "import os\n"
+        "os.umask(0o022)\n"
+        "import deploy.dashboard as d\n"
+        "from common.config import Config\n"
+        "from deploy import launcher\n"
+        "calls = []\n"
+        "real = d.restrict_token_file\n"
+        "d.restrict_token_file = lambda: calls.append(real()) or calls[-1]\n"
+        "cfg = Config()\n"
+        "cfg.eval.eval_every_minutes = 0\n"
+        "cfg.actor.actors = 1\n"
+        "with launcher._ray(cfg, lambda line: None):\n"
+        f"    mode = os.stat({str(token)!r}).st_mode & 0o777\n"
+        "print('MODE', oct(mode), 'CHANGED', calls)\n"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+    }
+    env.pop("RAY_AUTH_TOKEN", None)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MODE 0o600 CHANGED [None]" in res.stdout, res.stdout + res.stderr[-2000:]
