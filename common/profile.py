@@ -121,7 +121,8 @@ _CPU = (
         "learner",
         "double",
         False,
-        "its extra forward pass costs 15-25% of a CPU update; Pong learns without it",
+        "its extra forward pass cost 3-23% of a CPU update (bench/learner.py --steps); "
+        "Pong learns without it",
     ),
     Choice(
         "replay",
