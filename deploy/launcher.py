@@ -17,7 +17,8 @@
      `replay_server.loader.DataSource`; `RunMonitor` polls the roles for the loop;
   6. on the time/frame limit, Ctrl-C, SIGTERM, or a role that cannot run: stop
      the actors, write the final checkpoint, score the final weights on
-     ``apex-eval`` (unless a role failed; a second Ctrl-C skips it), let the
+     ``apex-eval`` (not after SIGTERM, whose sender waits only a grace period,
+     nor when a role failed; a second Ctrl-C skips it), let the
      shards ingest what was pushed, write the summary JSON (with what every fault cost, see
      `RunMonitor.summary`), stop the shards (they snapshot their index), shut
      down local Ray and the embedded redis-server(s).
@@ -344,6 +345,7 @@ def _signals(stop: threading.Event, out: Callable[[str], None]) -> Iterator[None
         if stop.is_set():
             raise KeyboardInterrupt
         out(f"[apex] {signal.Signals(signum).name}: stopping (again to force)")
+        stop.signum = signum  # type: ignore[attr-defined]  # _run: no final evaluation on SIGTERM
         stop.set()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -451,7 +453,11 @@ def _run(
         actors.stop()
         data.close()
         if evaluation is not None:
-            if ended and monitor.error is None:
+            if getattr(stop, "signum", None) == signal.SIGTERM:
+                # a supervisor's stop (docker compose stop, ray job stop, systemd)
+                # comes with a short grace period: the checkpoint is written, go
+                out("[apex] SIGTERM: no final evaluation (the checkpoint is written)")
+            elif ended and monitor.error is None:
                 _final_evaluation(loop, out)
             evaluation.close()  # takes one that has just finished; drops a running one
         replay.drain()

@@ -134,6 +134,9 @@ def test_a_run_records_evaluations_and_keeps_the_best(tmp_path):
 
     summary = json.loads(summary_path.read_text())
     assert summary["evaluations"] == len(records)
+    # Ctrl-C ends with the score of the final weights: the last record played them
+    assert records[-1]["weight_version"] == summary["weight_version"], out[-3000:]
+    assert "final evaluation of weights" in out
     assert summary["eval_return_mean"] == records[-1]["eval_return_mean"]
     best = max(records, key=lambda r: (r["eval_return_mean"], -r["index"]))
     assert summary["best_eval_return_mean"] == best["eval_return_mean"]
@@ -159,3 +162,41 @@ def test_a_run_records_evaluations_and_keeps_the_best(tmp_path):
     assert records[1]["video"] and (logdir / records[1]["video"]).stat().st_size > 1000
     # the progress line shows the last evaluation
     assert " | eval " in out and " frames | weights v" in out, out[-3000:]
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_without_a_final_evaluation(tmp_path):
+    """A supervisor's SIGTERM (docker compose stop, ray job stop) waits only a grace
+    period: the run writes its checkpoint and summary and exits 0 at once, without
+    the final evaluation that a time limit or Ctrl-C gets."""
+    logdir = tmp_path / "run"
+    summary_path = tmp_path / "summary.json"
+    argv = [
+        *("train", "--env", "ApexCatch-v0", "--actors", "1", "--envs-per-actor", "4"),
+        *("--min-replay", "500", "--batch-size", "32", "--capacity", "20000"),
+        *("--loader-workers", "1", "--log-every", "1", "--max-seconds", "300"),
+        *("--logdir", str(logdir), "--summary-json", str(summary_path)),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", *argv],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # until the learner is updating
+        lines.append(line)
+        if "| updates " in line and "| updates 0 " not in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-4000:]
+    assert "SIGTERM: no final evaluation (the checkpoint is written)" in out
+    assert "final evaluation of weights" not in out
+    summary = json.loads(summary_path.read_text())
+    assert summary["stop_reason"] == "stop requested" and summary["evaluations"] == 0
+    assert load_checkpoint(summary["checkpoint"])["counters"]["updates"] == summary["updates"]
