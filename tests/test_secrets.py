@@ -259,7 +259,7 @@ def test_the_launcher_starts_ray_so_its_token_file_is_private_from_the_start(tmp
     """A real local Ray with token auth, started the launcher's way under the usual
     umask 022: Ray's token file is created 0600 (restrict_token_file finds
     nothing to narrow), not world-readable until a chmod after ray.init."""
-    token = tmp_path / "auth_token"
+    token = tmp_path / ".ray" / "auth_token"  # where Ray generates it (HOME is tmp_path)
     code = (
         "import os\n"
         "os.umask(0o022)\n"
@@ -280,9 +280,9 @@ def test_the_launcher_starts_ray_so_its_token_file_is_private_from_the_start(tmp
         **os.environ,
         "HOME": str(tmp_path),
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
     }
     env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     res = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
