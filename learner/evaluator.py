@@ -367,10 +367,7 @@ class PeriodicEvaluation:
         Returns that record, or None when ``timeout`` seconds were not enough (the
         evaluation is dropped, and said so) or it failed."""
         deadline = self.clock() + timeout
-        while self._pending is not None and self.clock() < deadline:
-            self.collect()
-            if self._pending is not None:
-                sleep(0.2)
+        self._wait_pending(deadline, sleep)
         if self._pending is None and self.records and self.records[-1]["weight_version"] == version:
             return self.records[-1]
         if self._pending is None:
@@ -381,16 +378,19 @@ class PeriodicEvaluation:
             self.next_due = self.clock()
             self.step(version, frames, updates, elapsed_s, snapshot)
             done = len(self.records)
-            while self._pending is not None and self.clock() < deadline:
-                self.collect()
-                if self._pending is not None:
-                    sleep(0.2)
+            self._wait_pending(deadline, sleep)
             if len(self.records) > done:
                 return self.records[-1]
         if self._pending is not None:
             self.log(f"[apex] final evaluation not done within {timeout:g} s: dropped")
             self._pending = None
         return None
+
+    def _wait_pending(self, deadline: float, sleep: Callable[[float], None]) -> None:
+        while self._pending is not None and self.clock() < deadline:
+            self.collect()
+            if self._pending is not None:
+                sleep(0.2)
 
     def close(self) -> None:
         """Collect an evaluation that has just finished; abandon a running one.

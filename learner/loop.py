@@ -468,12 +468,16 @@ class TrainLoop:
             self.frames,
             self.learner.updates,
             self.base_elapsed + elapsed,
-            lambda: (
-                self.learner.get_weights(),
-                self.learner.state_dict(),
-                self.counters(elapsed),
-            ),
+            self._snapshot(elapsed),
             timeout=timeout,
+        )
+
+    def _snapshot(self, elapsed: float) -> Callable[[], tuple[dict, dict, dict]]:
+        """What an evaluation takes when it starts: weights, learner state, counters."""
+        return lambda: (
+            self.learner.get_weights(),
+            self.learner.state_dict(),
+            self.counters(elapsed),
         )
 
     def _evaluate(self, elapsed: float) -> None:
@@ -485,11 +489,7 @@ class TrainLoop:
             self.frames,
             self.learner.updates,
             self.base_elapsed + elapsed,
-            lambda: (
-                self.learner.get_weights(),
-                self.learner.state_dict(),
-                self.counters(elapsed),
-            ),
+            self._snapshot(elapsed),
         )
 
     def _checkpoint(self, elapsed: float) -> str | None:
