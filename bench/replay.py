@@ -344,7 +344,7 @@ def main() -> None:
         key = "measured" if size >= 2_000_000 else "extrapolated"
         res[f"memory_2m_redis_GB_{key}"] = round(bpt * 2e6 / 1e9, 2)
         res["memory_2m_shard_process_GB_estimated"] = round(
-            (shard._rec.itemsize + 4 + 16) * 2e6 / 1e9, 2
+            (shard.index.rec.itemsize + 4 + 16) * 2e6 / 1e9, 2
         )  # records + raw priorities + sum tree (2x leaves, float64), in the shard process
         res["bytes_per_transition_other_codecs_estimated"] = {
             name: round(bpt + (c["bytes_per_frame"] - frame_b) * frames_pushed / size, 1)

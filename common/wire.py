@@ -160,43 +160,17 @@ class FrameCodec:
 
     # ---- decode ---------------------------------------------------------
     def decode(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """m encoded frames -> uint8[m, 84, 84], a read-only view on one buffer
-        (fancy-index it, or ``.copy()`` it, to get a writable array).
-
-        Fast path: all frames share one header (any codec); decompress each into at
-        most 7,056 bytes, check every frame's size, then one ``b"".join`` and one
-        ``np.frombuffer``. Mixed codecs fall back to a per-frame dispatch. Raises
-        :class:`WireError` on any bad frame (or a ``blobs`` that is no sequence).
-        """
+        """m encoded frames -> a new uint8[m, 84, 84]: `decode_into` (the one
+        decoder) into a fresh array. Raises :class:`WireError` on any bad frame."""
         try:
             m = len(blobs)
-            first = blobs[0] if m else b""
-        except (TypeError, KeyError, IndexError):
+        except TypeError:
             raise WireError(
                 f"frames: expected a sequence of byte strings, got {type(blobs).__name__}"
             ) from None
-        if m == 0:
-            return np.empty((0, *FRAME_SHAPE), np.uint8)
-        try:
-            h = bytes(first[:2]) if len(first) >= 2 else b""
-            if len(h) != 2 or h[0] != _FRAME_TAG:
-                raise _Mixed
-            parts = self._decode_same(blobs, h, h[1])
-        except (_Mixed, TypeError):
-            parts = [self._decode_one(b) for b in blobs]
-        except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
-            raise WireError(f"corrupt {_codec_name(blobs[0])} frame: {exc}") from None
-        # Every path yields at most FRAME_BYTES per frame (lz4 is bounded, the zstd
-        # and none fast paths check exact sizes, the slow path checks each frame), so
-        # the right total means every frame is exact: 7,057 + 7,055 cannot pass.
-        data = b"".join(parts)
-        if len(data) != m * FRAME_BYTES:
-            bad = next(i for i, p in enumerate(parts) if len(p) != FRAME_BYTES)
-            raise WireError(
-                f"frame {bad} of {m} decodes to {len(parts[bad])} bytes, expected "
-                f"{FRAME_BYTES}: it is truncated or not an 84x84 frame"
-            )
-        return np.frombuffer(data, np.uint8).reshape(m, *FRAME_SHAPE)
+        out = np.empty((m, *FRAME_SHAPE), np.uint8)
+        self.decode_into(blobs, out, np.arange(m))
+        return out
 
     def decode_into(self, blobs: Sequence[bytes], out: np.ndarray, rows: np.ndarray) -> None:
         """Decode m encoded frames straight into ``out[rows[i]]``, with no
@@ -260,7 +234,9 @@ class FrameCodec:
             raise WireError(f"frame {i} of {m}: {exc}") from None
         except (TypeError, ValueError, cramjam.DecompressionError, zstandard.ZstdError) as exc:
             what = type(blobs[i]).__name__
-            raise WireError(f"frame {i} of {m} ({what}) is not a valid frame: {exc}") from None
+            raise WireError(
+                f"frame {i} of {m} ({what}) is not a valid frame (corrupt or truncated): {exc}"
+            ) from None
 
     def _zstd_stream_into(
         self, blobs: Sequence[bytes], out: np.ndarray, rows: np.ndarray, head: bytes
@@ -276,8 +252,12 @@ class FrameCodec:
                 if b[:2] != head:  # TypeError for None: the per-frame path reports it
                     raise _Mixed
                 p = memoryview(b)[2:]
-                if size_of(p) != FRAME_BYTES:
-                    raise WireError(f"frame {i}: zstd frame does not declare {FRAME_BYTES} bytes")
+                claimed = size_of(p)
+                if claimed != FRAME_BYTES:
+                    raise WireError(
+                        f"frame {i}: zstd frame header claims {claimed} bytes, "
+                        f"expected {FRAME_BYTES}"
+                    )
                 parts.append(p)
         except (TypeError, zstandard.ZstdError):
             raise _Mixed from None
@@ -308,9 +288,15 @@ class FrameCodec:
             raise WireError(f"not a frame: {type(blob).__name__} of length {_len(blob)}")
         tag, codec_id = blob[0], blob[1]
         if tag & 0xF0 != _MAGIC:
-            raise WireError(f"not a frame: bad magic byte 0x{tag:02x}")
+            raise WireError(
+                f"not a frame: bad magic byte 0x{tag:02x} (expected 0x{_FRAME_TAG:02x}); "
+                "the value was not written by apex-dqn's FrameCodec"
+            )
         if tag != _FRAME_TAG:
-            raise WireError(f"frame format version {tag & 0x0F} is not supported")
+            raise WireError(
+                f"frame format version {tag & 0x0F} is not supported (this build reads "
+                f"version {FRAME_VERSION}); run actors and learner from the same release"
+            )
         if codec_id == 1:
             lz4_into = cramjam.lz4.decompress_block_into
 
@@ -325,8 +311,11 @@ class FrameCodec:
             size_of = zstandard.frame_content_size
 
             def zstd_frame(src: memoryview, dst: memoryview) -> None:
-                if size_of(src) != FRAME_BYTES:  # checked before zstd allocates
-                    raise WireError(f"zstd frame does not declare {FRAME_BYTES} bytes")
+                claimed = size_of(src)
+                if claimed != FRAME_BYTES:  # checked before zstd allocates
+                    raise WireError(
+                        f"zstd frame header claims {claimed} bytes, expected {FRAME_BYTES}"
+                    )
                 dst[:] = dd.decompress(src)  # zstd checks the declared size
 
             return zstd_frame
@@ -334,83 +323,17 @@ class FrameCodec:
 
             def raw_frame(src: memoryview, dst: memoryview) -> None:
                 if len(src) != FRAME_BYTES:
-                    raise WireError(f"raw frame has {len(src)} bytes, expected {FRAME_BYTES}")
+                    raise WireError(
+                        f"raw frame decodes to {len(src)} bytes, expected {FRAME_BYTES}"
+                    )
                 dst[:] = src
 
             return raw_frame
         raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
 
-    def _decompressor(self, codec_id: int) -> Callable[[memoryview], bytes]:
-        if codec_id == 1:
-            return lambda b: lz4.block.decompress(b, uncompressed_size=FRAME_BYTES)
-        if codec_id in (2, 3):
-            dd = self._zstd(codec_id == 3, compress=False).decompress
-            size_of = zstandard.frame_content_size
-
-            def zstd(b: memoryview) -> bytes:
-                # decompress() allocates whatever size the header claims: check it first
-                claimed = size_of(b)
-                if claimed != FRAME_BYTES and claimed != -1:
-                    raise WireError(
-                        f"zstd frame header claims {claimed} bytes, expected {FRAME_BYTES}"
-                    )
-                return dd(b, max_output_size=FRAME_BYTES, allow_extra_data=False)
-
-            return zstd
-        if codec_id == 0:
-            return bytes
-        raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
-
-    def _decode_same(self, blobs: Sequence[bytes], h: bytes, codec_id: int) -> list[bytes]:
-        for b in blobs:
-            if b[:2] != h:  # TypeError for None etc.: the caller takes the slow path
-                raise _Mixed
-        if codec_id == 1:
-            d = lz4.block.decompress  # bounded: never more than FRAME_BYTES out
-            return [d(memoryview(b)[2:], FRAME_BYTES) for b in blobs]
-        if codec_id in (2, 3):
-            # zstd's decompress() allocates the size a frame's header claims: all
-            # must claim exactly one frame's bytes (else the checked slow path).
-            views = [memoryview(b)[2:] for b in blobs]
-            if set(map(zstandard.frame_content_size, views)) != {FRAME_BYTES}:
-                raise _Mixed
-            dd = self._zstd(codec_id == 3, compress=False).decompress
-            return [dd(v) for v in views]
-        if codec_id == 0:
-            if set(map(len, blobs)) != {FRAME_BYTES + 2}:
-                raise _Mixed  # the slow path names the frame of the wrong size
-            return [bytes(memoryview(b)[2:]) for b in blobs]
-        raise WireError(f"unknown frame codec id {codec_id}; known: {CODEC_NAMES}")
-
-    def _decode_one(self, blob: bytes) -> bytes:
-        if not isinstance(blob, bytes | bytearray | memoryview) or len(blob) < 2:
-            raise WireError(f"not a frame: {type(blob).__name__} of length {_len(blob)}")
-        tag, codec_id = blob[0], blob[1]
-        if tag & 0xF0 != _MAGIC:
-            raise WireError(
-                f"not a frame: bad magic byte 0x{tag:02x} (expected 0x{_FRAME_TAG:02x}); "
-                "the value was not written by apex-dqn's FrameCodec"
-            )
-        if tag != _FRAME_TAG:
-            raise WireError(
-                f"frame format version {tag & 0x0F} is not supported (this build reads "
-                f"version {FRAME_VERSION}); run actors and learner from the same release"
-            )
-        try:
-            out = self._decompressor(codec_id)(memoryview(blob)[2:])
-        except (lz4.block.LZ4BlockError, zstandard.ZstdError) as exc:
-            raise WireError(f"corrupt {CODEC_NAMES[codec_id]} frame: {exc}") from None
-        if len(out) != FRAME_BYTES:
-            raise WireError(f"frame decodes to {len(out)} bytes, expected {FRAME_BYTES}")
-        return out
-
 
 class _Mixed(Exception):
     """Internal: a frame's header differs from the codec's own (take the slow path)."""
-
-
-def _codec_name(blob: bytes) -> str:
-    return CODEC_NAMES.get(blob[1], "unknown") if len(blob) >= 2 else "unknown"
 
 
 def _len(x: object) -> int:

@@ -233,8 +233,8 @@ def _check_namespaces(
     from replay_server.keys import ReplayKeys
     from replay_server.namespace import inspect_namespace, namespace_refusal, reset_namespace
     from replay_server.protocol import ReplayUnavailable
+    from replay_server.records import RECORD_DTYPE, RECORDS_PER_CHUNK
     from replay_server.redis_proc import connect, redact
-    from replay_server.shard import RECORD_DTYPE, RECORDS_PER_CHUNK
 
     keys = ReplayKeys()
     for url in urls:

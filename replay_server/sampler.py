@@ -36,7 +36,7 @@ from common.types import FRAME_SHAPE, STACK, SampleBatch
 from replay_server.frames import FetchResult, FrameFetcher
 from replay_server.protocol import ReplayUnavailable, ShardSample
 from replay_server.rate_limiter import RateLimiter
-from replay_server.shard import SLOT_BITS
+from replay_server.records import SLOT_BITS
 
 SLOT_MASK = (1 << SLOT_BITS) - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

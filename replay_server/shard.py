@@ -8,24 +8,32 @@ Call order::
     shard.update_priorities(keys, prios)
     shard.stop()                             # final snapshot
 
+The shard is the Redis side of three modules:
+
+* `replay_server.records`: the 80-byte record and its checks;
+* `replay_server.index`: the pure in-memory index (slots, records, the sum tree
+  of ``priority**alpha``, frame lifetimes, counters), which unit tests exercise
+  without Redis;
+* this module: ingest, load/reload/reset, orphan sweeps, priority snapshots,
+  heartbeat and stats, against one Redis.
+
 Storage (key names in :mod:`replay_server.keys`):
 
 * frames: one key per frame, written once by a :class:`ReplayWriter`;
 * transitions: monotonic integer *slots*; slot ``s`` lives at position
-  ``s % capacity`` of a FIFO ring. The shard writes each transition as an
-  80-byte record (:data:`RECORD_DTYPE`) into chunk strings of 4,096 records
+  ``s % capacity`` of a FIFO ring, as a record in chunk strings of 4,096 records
   (one Redis key per chunk, not per transition: ~0.02 B of key overhead per
-  transition instead of ~70), preallocated at full size so SETRANGE never grows
-  (and over-allocates) them;
+  transition instead of ~70);
 * frame lifetime: :class:`FrameGroups` (a frame is deleted once eviction has
   passed every slot that refers to it);
-* priorities: in memory (sum tree of ``priority**alpha``), snapshotted into
-  Redis every ``snapshot_seconds`` and at :meth:`stop`.
+* priorities: in memory, snapshotted into Redis every ``snapshot_seconds`` and
+  at :meth:`stop`.
 
 Ingest is reliable: a round reads up to 64 pushes with LRANGE (without removing
-them), plans the new index on copies, and writes records, frame groups, frees,
-counters *and the LTRIM that removes those pushes* in one MULTI/EXEC. Only when
-Redis has accepted it does the in-memory index change. A round that fails (Redis
+them), plans the new index on copies (`ReplayIndex.plan`), and writes records,
+frame groups, frees, counters *and the LTRIM that removes those pushes* in one
+MULTI/EXEC. Only when Redis has accepted it does the in-memory index change
+(`ReplayIndex.apply`). A round that fails (Redis
 down, ``OOM``, ``MISCONF``, ``READONLY``) changes nothing anywhere and is retried,
 so a popped push is never lost and memory never runs ahead of Redis.
 
@@ -48,7 +56,7 @@ non-finite or huge return, a discount outside ``[0, 1]`` or a priority that is
 not finite in ``[0, MAX_PRIORITY]``, or a push whose new frames are not one
 contiguous run of one registered writer, is counted ``rejected`` and never
 stored; a transition whose frames the replay does not hold is ``dangling``. The
-reload (`_load`) is bounded and defensive: bad records get weight 0 (never
+reload (`_load`, then `ReplayIndex.load`) is bounded and defensive: bad records get weight 0 (never
 sampled), bad group records are dropped (their frames become orphans).
 
 Orphan frames (stored by a writer but referenced by no live transition: left by
@@ -63,69 +71,30 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 
-from common.types import COUNTER_BITS, PRIORITY_FLOOR, STACK
 from common.wire import WireError, decode_batch
 from replay_server.frame_groups import FrameGroups
+from replay_server.index import Plan, ReplayIndex
 from replay_server.keys import ReplayKeys
 from replay_server.namespace import NamespaceError, ReplayIdentity, parse_meta
 from replay_server.protocol import ReplayUnavailable, ShardSample, ShardStats, replay_errors
+from replay_server.records import (
+    MAX_ACTIONS,
+    RECORD_DTYPE,
+    RECORDS_PER_CHUNK,
+    chunk_len,
+    chunk_runs,
+)
 from replay_server.redis_proc import connect, redact
-from replay_server.sum_tree import SumTree
 
 log = logging.getLogger(__name__)
 
-RECORD_DTYPE = np.dtype(
-    [
-        ("ids", "<i8", (2 * STACK,)),
-        ("action", "<i4"),
-        ("ret", "<f4"),
-        ("disc", "<f4"),
-        ("prio", "<f4"),
-    ]
-)  # ids = s (4 frame ids, oldest first) then s' (4); prio = initial priority
-RECORDS_PER_CHUNK = 4096
-MIN_PRIORITY = PRIORITY_FLOOR  # the same floor as the actors' initial priorities
-MAX_PRIORITY = 1e6  # |TD| of clipped-reward DQN stays below ~200; 1e6 is generous
-MAX_RETURN = 1e9  # n-step returns of raw scores stay far below this
-MAX_ACTIONS = 1 << 16
-SLOT_BITS = 56  # keys are slots < 2**56; the sampler puts the shard index above
 BACKOFF_MAX_S = 2.0
 HEARTBEAT_S = 1.0
 OUTAGE_LOG_EVERY_S = 30.0
-
-# counters kept in ``P meta`` (besides capacity, first_slot, next_slot, next_gid)
-_COUNTERS = (
-    "received",
-    "inserted_total",
-    "evictions",
-    "malformed",
-    "rejected",
-    "dangling",
-    "lost",
-    "resets",
-    "lost_in_resets",
-    "orphans_collected",
-    "outages",
-    "outage_ms",
-)
-
-
-@dataclass
-class _Plan:
-    """One ingest round, computed on copies; applied once Redis accepted it."""
-
-    pipe: redis.client.Pipeline
-    groups: FrameGroups
-    first: int
-    next: int
-    rows: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (pos, records)
-    chunks: set[int] = field(default_factory=set)
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 class ReplayShard:
@@ -159,15 +128,15 @@ class ReplayShard:
         gc_seconds: float = 600.0,
         autostart: bool = False,
     ) -> None:
-        if capacity < 1 or capacity >= 1 << 40:
-            raise ValueError(f"capacity={capacity} must be in [1, 2**40)")
+        self.index = ReplayIndex(
+            capacity, alpha, identity.num_actions if identity else MAX_ACTIONS, seed
+        )
         self.url = url
         self._where = f"Redis at {redact(url)}"
-        self.capacity = int(capacity)
-        self.alpha = float(alpha)
+        self.capacity = self.index.capacity
+        self.alpha = self.index.alpha
         self.codec = codec
         self.identity = identity
-        self.num_actions = identity.num_actions if identity else MAX_ACTIONS
         self.snapshot_seconds = float(snapshot_seconds)
         self.gc_seconds = float(gc_seconds)
         self.keys = ReplayKeys(namespace)
@@ -177,20 +146,10 @@ class ReplayShard:
         self._epoch: bytes | None = None
         self._dict: bytes | None = None  # zstd-dict dictionary, restored after a reset
         self._loaded = False
-        self._lock = threading.Lock()  # in-memory index
         self._ingest_lock = threading.RLock()  # one ingest/load/sweep at a time
-        self._rng = np.random.default_rng(seed)
-        self._rec = np.zeros(self.capacity, RECORD_DTYPE)
-        self._prio = np.zeros(self.capacity, np.float32)
-        self._tree = SumTree(self.capacity)
-        self._groups = FrameGroups()
-        self._chunks: set[int] = set()
-        self._first = 0  # oldest live slot
-        self._next = 0  # next slot to assign
-        self.counters = dict.fromkeys(_COUNTERS, 0)
-        self.sampled_total = 0
+        self._chunks: set[int] = set()  # record chunks this Redis holds (preallocated)
+        self.counters = self.index.counters  # the one dict: the index updates it
         self.ingest_errors = 0
-        self.removed = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
         self._mem = (0.0, 0)
         self._down_since: float | None = None
@@ -210,7 +169,7 @@ class ReplayShard:
     # ---- public API ---------------------------------------------------------
     @property
     def size(self) -> int:
-        return self._next - self._first
+        return self.index.size
 
     @property
     def inserted_total(self) -> int:
@@ -240,15 +199,20 @@ class ReplayShard:
             if cap is None:
                 self._reset(epoch)
                 return 0
-            if epoch != self._epoch or int(next_slot or 0) != self._next:
+            if epoch != self._epoch or int(next_slot or 0) != self.index.next:
                 self._reload(epoch, int(next_slot or 0))
                 return 0
             if not raw:
                 return 0
-            plan = self._plan(raw, int(incarnation or 0))
+            plan = self.index.plan(raw, int(incarnation or 0))
+            pipe = self._client.pipeline(transaction=True)
+            new_chunks = self._queue_writes(pipe, plan)
+            pipe.hset(k.meta, mapping=self.index.meta(plan))
+            pipe.ltrim(k.incoming, len(raw), -1)
             with replay_errors(self._where):
-                plan.pipe.execute()
-            self._apply(plan)
+                pipe.execute()
+            self.index.apply(plan)
+            self._chunks |= new_chunks
             self._rate.append((time.monotonic(), self.inserted_total))
             return plan.counts.get("inserted_total", 0)
 
@@ -258,58 +222,18 @@ class ReplayShard:
         Empty arrays (b = 0) when the shard is empty or not loaded yet.
         Importance weights are the sampler's job (they need every shard's totals).
         """
-        with self._lock:
-            total, size = self._tree.total, self.size
-            if size == 0 or total <= 0 or batch_size <= 0:
-                pos = np.zeros(0, np.int64)
-                probs = np.zeros(0, np.float64)
-            else:
-                pos = self._tree.sample(batch_size, self._rng)
-                probs = self._tree.get(pos) / total
-            rec = self._rec[pos]
-            slots = self._first + (pos - self._first) % self.capacity
-            self.sampled_total += int(pos.size)
-            inserted = self.inserted_total
-        ids = rec["ids"]
-        return ShardSample(
-            keys=slots.astype(np.int64),
-            probs=probs,
-            obs_ids=np.ascontiguousarray(ids[:, :STACK]),
-            next_obs_ids=np.ascontiguousarray(ids[:, STACK:]),
-            actions=rec["action"].astype(np.int64),
-            returns=rec["ret"].astype(np.float32),
-            discounts=rec["disc"].astype(np.float32),
-            size=int(size),
-            total=float(total),
-            inserted=int(inserted),
-        )
+        return self.index.sample(batch_size)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         """Set priorities of sampled keys (int64[k] slots), clipped to
         [MIN_PRIORITY, MAX_PRIORITY]; keys of evicted slots and non-finite
         priorities are ignored. Returns how many were applied."""
-        slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
-        p = np.asarray(priorities, np.float64)
-        if slots.shape != p.shape:
-            raise ValueError(f"keys {slots.shape} and priorities {p.shape} differ in shape")
-        with self._lock:
-            ok = (slots >= self._first) & (slots < self._next) & np.isfinite(p)
-            pos = slots[ok] % self.capacity
-            pr = np.clip(p[ok], MIN_PRIORITY, MAX_PRIORITY)
-            self._prio[pos] = pr
-            self._tree.update(pos, pr**self.alpha)
-            return int(ok.sum())
+        return self.index.update_priorities(keys, priorities)
 
     def remove(self, keys: np.ndarray) -> int:
         """Never sample these slots again (weight 0): rows whose frames are gone
         (counted ``removed``). Returns how many live slots were removed."""
-        slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
-        with self._lock:
-            ok = (slots >= self._first) & (slots < self._next)
-            pos = np.unique(slots[ok] % self.capacity)
-            self._tree.update(pos, np.zeros(pos.size))
-            self.removed += int(pos.size)
-            return int(pos.size)
+        return self.index.remove(keys)
 
     def queued(self) -> int:
         """Pushes waiting in the incoming list (0 when Redis cannot be read)."""
@@ -322,12 +246,7 @@ class ReplayShard:
 
     def get_priorities(self, keys: np.ndarray) -> np.ndarray:
         """float32[k] current priorities of keys (NaN for slots no longer stored)."""
-        slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
-        with self._lock:
-            ok = (slots >= self._first) & (slots < self._next)
-            out = np.full(slots.shape, np.nan, np.float32)
-            out[ok] = self._prio[slots[ok] % self.capacity]
-        return out
+        return self.index.get_priorities(keys)
 
     def stats(self) -> ShardStats:
         """Counters (Redis used_memory cached for 1 s)."""
@@ -342,25 +261,25 @@ class ReplayShard:
         if len(self._rate) >= 2:
             (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
             rate = (n1 - n0) / max(t1 - t0, 1e-9)
-        c = self.counters
-        with self._lock:
+        c, ix = self.counters, self.index
+        with ix.lock:
             return ShardStats(
                 size=self.size,
                 capacity=self.capacity,
                 inserted_total=c["inserted_total"],
                 inserts_per_s=rate,
-                sampled_total=self.sampled_total,
-                total_priority=self._tree.total,
+                sampled_total=ix.sampled_total,
+                total_priority=ix.tree.total,
                 bytes_used=self._mem[1],
                 evictions=c["evictions"],
                 received=c["received"],
                 malformed=c["malformed"],
                 rejected=c["rejected"],
                 dangling=c["dangling"],
-                removed=self.removed,
+                removed=ix.removed,
                 ingest_errors=self.ingest_errors,
-                frames_stored=self._groups.frame_count,
-                frame_groups=len(self._groups),
+                frames_stored=ix.groups.frame_count,
+                frame_groups=len(ix.groups),
                 lost=c["lost"],
                 resets=c["resets"],
                 lost_in_resets=c["lost_in_resets"],
@@ -396,13 +315,9 @@ class ReplayShard:
         """Write the priorities of all live slots into Redis (``keys.priorities``)."""
         with self._ingest_lock:
             self._ensure_ready()
-            with self._lock:
-                first, nxt = self._first, self._next
-                pos = np.arange(first, nxt, dtype=np.int64) % self.capacity
-                body = self._prio[pos].astype("<f4").tobytes()
-            head = np.array([first, nxt], "<i8").tobytes()
+            blob = self.index.priorities_blob()
             with replay_errors(self._where):
-                self._client.set(self.keys.priorities, head + body)
+                self._client.set(self.keys.priorities, blob)
             self._last_snapshot = time.monotonic()
 
     def sweep_orphans(self) -> int:
@@ -427,8 +342,7 @@ class ReplayShard:
                     held.append(decode_batch(item)[0]["frame_ids"])
                 except WireError:
                     continue
-            with self._lock:
-                orphan = ~self._groups.covered(found)
+            orphan = ~self.index.covered(found)
             orphan &= ~np.isin(found, np.concatenate(held))
             dead = found[orphan]
             if dead.size:
@@ -445,110 +359,28 @@ class ReplayShard:
         return int(dead.size)
 
     # ---- ingest -------------------------------------------------------------
-    def _plan(self, raw: list[bytes], incarnation: int) -> _Plan:
-        """Compute one ingest round on copies; nothing in memory changes here."""
-        cap = self.capacity
-        plan = _Plan(
-            pipe=self._client.pipeline(transaction=True),
-            groups=self._groups.copy(),
-            first=self._first,
-            next=self._next,
-        )
-        counts = plan.counts
-        for item in raw:
-            try:
-                meta, batch = decode_batch(item)
-            except WireError as exc:
-                counts["malformed"] = counts.get("malformed", 0) + 1
-                log.warning("skipping malformed replay entry (%d bytes): %s", len(item), exc)
-                continue
-            fids = meta["frame_ids"]
-            counts["received"] = counts.get("received", 0) + len(batch)
-            if not _writer_frames_ok(fids, incarnation):
-                counts["rejected"] = counts.get("rejected", 0) + len(batch)
-                log.warning(
-                    "rejecting a push whose %d new frame ids are not one writer's run", len(fids)
-                )
-                continue
-            nxt0 = plan.next
-            added = plan.groups.add(fids, nxt0 + len(batch) - 1)
-            ids = np.concatenate([batch.obs_ids, batch.next_obs_ids], axis=1)
-            rows = plan.groups.lookup(ids.ravel()).reshape(ids.shape)
-            known = (rows >= 0).all(axis=1)
-            valid = _records_ok(batch, self.num_actions)
-            counts["dangling"] = counts.get("dangling", 0) + int((~known & valid).sum())
-            counts["rejected"] = counts.get("rejected", 0) + int((~valid).sum())
-            good = known & valid
-            k = int(good.sum())
-            if k > cap:  # a push bigger than the replay: only its newest fit
-                good[np.flatnonzero(good)[: k - cap]] = False
-                counts["evictions"] = counts.get("evictions", 0) + k - cap
-                k = cap
-            slots = nxt0 + np.arange(k, dtype=np.int64)
-            plan.groups.touch(rows[good].ravel(), np.repeat(slots, 2 * STACK))
-            pos = slots % cap
-            rec = np.zeros(k, RECORD_DTYPE)
-            rec["ids"] = ids[good]
-            rec["action"] = batch.actions[good]
-            rec["ret"] = batch.returns[good]
-            rec["disc"] = batch.discounts[good]
-            rec["prio"] = batch.priorities[good]
-            plan.rows.append((pos, rec))
-            plan.next = nxt0 + k
-            evict = max(0, plan.next - plan.first - cap)
-            plan.first += evict
-            counts["evictions"] = counts.get("evictions", 0) + evict
-            counts["inserted_total"] = counts.get("inserted_total", 0) + k
-            freed_gids, freed = plan.groups.release(plan.first)
-            self._queue_writes(plan, pos, rec, added, freed_gids, freed)
-        meta = {
-            "next_slot": plan.next,
-            "first_slot": plan.first,
-            "next_gid": plan.groups.next_gid,
-            **{n: self.counters[n] + counts.get(n, 0) for n in _COUNTERS},
-        }
-        plan.pipe.hset(self.keys.meta, mapping=meta)
-        plan.pipe.ltrim(self.keys.incoming, len(raw), -1)
-        return plan
-
-    def _queue_writes(self, plan: _Plan, pos, rec, added, freed_gids, freed) -> None:
-        """Queue one push's records, groups and frees into the round's MULTI."""
-        pipe, k = plan.pipe, self.keys
-        if pos.size:
-            chunk = pos // RECORDS_PER_CHUNK
-            brk = np.flatnonzero((np.diff(chunk) != 0) | (np.diff(pos) != 1)) + 1
-            for run in np.split(np.arange(pos.size), brk):
-                c, p0 = int(chunk[run[0]]), int(pos[run[0]])
-                if c not in self._chunks and c not in plan.chunks:
-                    n = min(RECORDS_PER_CHUNK, self.capacity - c * RECORDS_PER_CHUNK)
+    def _queue_writes(self, pipe: redis.client.Pipeline, plan: Plan) -> set[int]:
+        """Queue a round's records, groups and frees into its MULTI, push by push.
+        Returns the record chunks it preallocates (SET NX at full size)."""
+        k, new_chunks = self.keys, set()
+        for push in plan.pushes:
+            for c, off, run in chunk_runs(push.pos):
+                if c not in self._chunks and c not in new_chunks:
+                    n = chunk_len(self.capacity, c)
                     pipe.set(k.records(c), bytes(n * RECORD_DTYPE.itemsize), nx=True)
-                    plan.chunks.add(c)
-                off = (p0 - c * RECORDS_PER_CHUNK) * RECORD_DTYPE.itemsize
-                pipe.setrange(k.records(c), off, rec[run].tobytes())
-        if added is not None:
-            gid, gids, gone = added
-            pipe.hset(k.groups, str(gid), FrameGroups.pack(gids, int(plan.next) - 1))
-            if gone:
-                pipe.hdel(k.groups, *[str(g) for g in gone])
-        if freed_gids:
-            pipe.hdel(k.groups, *[str(g) for g in freed_gids])
-            fk = k.frames(freed)
-            for i in range(0, len(fk), 4096):
-                pipe.unlink(*fk[i : i + 4096])
-
-    def _apply(self, plan: _Plan) -> None:
-        """Make the accepted round the in-memory index."""
-        with self._lock:
-            for pos, rec in plan.rows:
-                self._rec[pos] = rec
-                pr = np.clip(rec["prio"].astype(np.float64), MIN_PRIORITY, MAX_PRIORITY)
-                self._prio[pos] = pr
-                self._tree.update(pos, pr**self.alpha)
-            self._groups = plan.groups
-            self._first, self._next = plan.first, plan.next
-            self._chunks |= plan.chunks
-            for name, n in plan.counts.items():
-                self.counters[name] += n
+                    new_chunks.add(c)
+                pipe.setrange(k.records(c), off, push.rec[run].tobytes())
+            if push.added is not None:
+                gid, gids, gone = push.added
+                pipe.hset(k.groups, str(gid), FrameGroups.pack(gids, push.group_created))
+                if gone:
+                    pipe.hdel(k.groups, *[str(g) for g in gone])
+            if push.freed_gids:
+                pipe.hdel(k.groups, *[str(g) for g in push.freed_gids])
+                fk = k.frames(push.freed)
+                for i in range(0, len(fk), 4096):
+                    pipe.unlink(*fk[i : i + 4096])
+        return new_chunks
 
     # ---- background ---------------------------------------------------------
     def _run(self) -> None:
@@ -626,27 +458,21 @@ class ReplayShard:
     def _reset(self, epoch: bytes | None) -> None:
         """Redis came back without our data: evict everything, start the namespace
         again (slots and counters go on), refill."""
-        lost = self.size
         log.warning(
             "REPLAY LOST: %s came back without this replay's data (a new volume, a "
             "restart without its AOF, or a FLUSH); dropping the %d transitions the index "
             "held and refilling from the actors",
             self._where,
-            lost,
+            self.size,
         )
-        with self._lock:
-            self._first = self._next
-            self._tree.set_all(np.zeros(self.capacity))
-            self._groups = FrameGroups()
-            self._chunks = set()
-            self.counters["resets"] += 1
-            self.counters["lost_in_resets"] += lost
+        self.index.evict_all()
+        self._chunks = set()
         self._loaded = False
         self._ensure_ready()
 
     def _reload(self, epoch: bytes | None, redis_next: int) -> None:
         """Redis holds other data than the index describes: rebuild from Redis."""
-        ours = self._next
+        ours = self.index.next
         if epoch == self._epoch and redis_next < ours:
             reason = f"Redis lost its newest writes (next slot {redis_next}, index {ours})"
             try:  # keep the newest priorities for what survived
@@ -719,7 +545,7 @@ class ReplayShard:
         chunks: set[int] = set()
         n_chunks = -(-self.capacity // RECORDS_PER_CHUNK)
         for c in range(n_chunks):
-            want = min(RECORDS_PER_CHUNK, self.capacity - c * RECORDS_PER_CHUNK)
+            want = chunk_len(self.capacity, c)
             with replay_errors(self._where):
                 length = client.strlen(k.records(c))
                 raw = client.get(k.records(c)) if length == want * RECORD_DTYPE.itemsize else None
@@ -731,78 +557,32 @@ class ReplayShard:
             rec[c * RECORDS_PER_CHUNK : c * RECORDS_PER_CHUNK + want] = np.frombuffer(
                 raw, RECORD_DTYPE
             )
-        live = np.arange(first, nxt, dtype=np.int64)
-        pos = live % self.capacity
-        prio = rec["prio"][pos].astype(np.float64)
         with replay_errors(self._where):
             snap = client.get(k.priorities)
             group_raw = client.hgetall(k.groups)
-        if snap is not None and len(snap) >= 16 and (len(snap) - 16) % 4 == 0:
-            s0, s1 = (int(x) for x in np.frombuffer(snap[:16], "<i8"))
-            sp = np.frombuffer(snap[16:], "<f4")
-            if sp.size == s1 - s0 and 0 <= s0 <= s1:
-                m = (live >= s0) & (live < s1)
-                prio[m] = sp[live[m] - s0]
-        groups = FrameGroups()
-        bad_groups = 0
         if len(group_raw) > self.capacity + 4096:
             raise NamespaceError(f"the {self._where} holds {len(group_raw)} frame groups")
-        for gid_raw, data in group_raw.items():
-            try:
-                gid = int(gid_raw)
-                ids, created = FrameGroups.unpack(data)
-                if not 0 <= gid < 1 << 62 or (groups.lookup(ids) >= 0).any():
-                    raise ValueError("bad or overlapping group")
-                groups.add(ids, created, gid=gid)
-            except ValueError:
-                bad_groups += 1
-        recs = rec[pos]
-        valid = _stored_ok(recs, self.num_actions) & np.isfinite(prio) & (prio >= 0)
-        prio = np.where(valid, np.clip(prio, MIN_PRIORITY, MAX_PRIORITY), MIN_PRIORITY)
-        rows = groups.lookup(recs["ids"].ravel()).reshape(recs["ids"].shape)
-        known = (rows >= 0).all(axis=1)
-        weight = np.zeros(self.capacity, np.float64)
-        weight[pos] = np.where(valid & known, prio**self.alpha, 0.0)
-        ok = rows >= 0
-        groups.touch(rows[ok], np.repeat(live, 2 * STACK).reshape(rows.shape)[ok])
-        with self._lock:
-            self._rec = rec
-            self._prio[:] = 0
-            self._prio[pos] = prio
-            self._tree.set_all(weight)
-            self._groups = groups
-            self._chunks = chunks
-            self._first, self._next = first, nxt
-            for name in _COUNTERS:
-                self.counters[name] = meta.get(name, 0)
-            self.counters["rejected"] += int((~valid).sum())
-            self.counters["dangling"] += int((valid & ~known).sum())
-        self._groups.next_gid = max(self._groups.next_gid, meta.get("next_gid", 0))
+        report = self.index.load(rec, first, nxt, meta, snap, group_raw)
+        self._chunks = chunks
         self._epoch = epoch
         self._loaded = True
-        if bad_groups or (~valid).any():
+        if report.bad_groups or report.bad_records:
             log.warning(
                 "replay shard: ignored %d bad frame groups and %d bad records while loading",
-                bad_groups,
-                int((~valid).sum()),
+                report.bad_groups,
+                report.bad_records,
             )
         log.info(
             "replay shard at %s loaded %d transitions, %d frames",
             redact(self.url),
             self.size,
-            self._groups.frame_count,
+            self.index.groups.frame_count,
         )
 
     def _init_namespace(self, epoch: bytes) -> None:
         """An empty namespace: write its metadata (and identity, dictionary)."""
         k = self.keys
-        meta = {
-            "capacity": self.capacity,
-            "first_slot": self._first,
-            "next_slot": self._next,
-            "next_gid": self._groups.next_gid,
-            **self.counters,
-        }
+        meta = {"capacity": self.capacity, **self.index.meta()}
         with replay_errors(self._where):
             pipe = self._client.pipeline(transaction=True)
             pipe.hset(k.meta, mapping=meta)
@@ -820,39 +600,3 @@ def _parse_meta(raw: dict[bytes, bytes], where: str) -> dict[str, int]:
     if problems:
         raise NamespaceError(f"the {where}: {'; '.join(problems)}")
     return meta
-
-
-def _writer_frames_ok(fids: np.ndarray, incarnation: int) -> bool:
-    """A push's new frames: one contiguous run of ids of one registered writer."""
-    if fids.size == 0:
-        return True
-    inc = fids >> COUNTER_BITS
-    if inc[0] < 1 or inc[0] > incarnation or (inc != inc[0]).any():
-        return False
-    return bool(np.all(np.diff(fids) == 1))
-
-
-def _valid(actions, returns, discounts, priorities, num_actions: int) -> np.ndarray:
-    """bool[n]: which transitions have sane fields (pushed or read back from Redis)."""
-    with np.errstate(invalid="ignore"):
-        return (
-            (actions >= 0)
-            & (actions < num_actions)
-            & np.isfinite(returns)
-            & (np.abs(returns) <= MAX_RETURN)
-            & (discounts >= 0)
-            & (discounts <= 1)
-            & np.isfinite(priorities)
-            & (priorities >= 0)
-            & (priorities <= MAX_PRIORITY)
-        )
-
-
-def _records_ok(batch, num_actions: int) -> np.ndarray:
-    """bool[n]: which pushed transitions have sane fields."""
-    return _valid(batch.actions, batch.returns, batch.discounts, batch.priorities, num_actions)
-
-
-def _stored_ok(recs: np.ndarray, num_actions: int) -> np.ndarray:
-    """bool[n]: which records read back from Redis have sane fields."""
-    return _valid(recs["action"], recs["ret"], recs["disc"], recs["prio"], num_actions)

@@ -40,8 +40,9 @@ from common.wire import (
     train_zstd_dictionary,
 )
 from replay_server.namespace import NamespaceError, ReplayIdentity
+from replay_server.records import RECORD_DTYPE
 from replay_server.redis_proc import EmbeddedRedis
-from replay_server.shard import RECORD_DTYPE, ReplayShard
+from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayWriter
 
 Case = tuple[str, Any]  # (kind of case, the input)
@@ -416,12 +417,12 @@ def _fresh_replay(server, pong_frames):
 
 def assert_consistent(shard: ReplayShard) -> None:
     assert 0 <= shard.size <= SHARD_CAP
-    assert np.isfinite(shard._tree.total) and shard._tree.total >= 0
+    assert np.isfinite(shard.index.tree.total) and shard.index.tree.total >= 0
     s = shard.sample(64)
     if len(s):
         assert ((s.actions >= 0) & (s.actions < IDENTITY.num_actions)).all()
         assert ((s.discounts >= 0) & (s.discounts <= 1)).all() and np.isfinite(s.returns).all()
-        assert (s.keys >= shard._first).all() and (s.keys < shard._next).all()
+        assert (s.keys >= shard.index.first).all() and (s.keys < shard.index.next).all()
 
 
 def hostile_pushes(rng: np.random.Generator, pushes: list[bytes], incarnation: int) -> list[Case]:

@@ -22,8 +22,9 @@ from replay_server.namespace import (
     reset_namespace,
 )
 from replay_server.protocol import ReplayUnavailable
+from replay_server.records import RECORD_DTYPE, RECORDS_PER_CHUNK
 from replay_server.redis_proc import EmbeddedRedis
-from replay_server.shard import RECORD_DTYPE, RECORDS_PER_CHUNK, ReplayShard
+from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayReset, ReplayWriter
 
 KEYS = ReplayKeys()
@@ -84,13 +85,15 @@ def test_redis_back_empty_is_detected_and_refilled(server, make_pong_actor, pong
         push(writer, actor)
         shard.ingest()
     held = shard.size
-    slots_before = shard._next
+    slots_before = shard.index.next
     assert held > 0
     client.flushall()  # what a restart on a lost volume looks like from here
     assert shard.ingest() == 0  # the round that notices
     st = shard.stats()
     assert st.resets == 1 and st.lost_in_resets == held and st.size == 0
-    assert shard._first == shard._next == slots_before  # slots go on (old keys stay invalid)
+    assert (
+        shard.index.first == shard.index.next == slots_before
+    )  # slots go on (old keys stay invalid)
     assert client.hget(KEYS.meta, "resets") == b"1"  # the namespace was started again
     assert ReplayIdentity.from_redis(client.hgetall(KEYS.identity)) == IDENTITY
     # The writer's old ids are void: its next push registers again and is retried.

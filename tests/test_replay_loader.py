@@ -14,8 +14,8 @@ from common.types import TransitionBatch
 from replay_server.frames import FrameFetcher
 from replay_server.keys import ReplayKeys
 from replay_server.loader import DataSource
+from replay_server.records import SLOT_BITS
 from replay_server.sampler import SLOT_MASK, ReplaySampler
-from replay_server.shard import SLOT_BITS
 from tests.test_replay_sampler import filled_shard
 
 

@@ -34,7 +34,7 @@ for _ in range(8):                                  # 8 x ~80 transitions: evict
     fids, frames, batch = actor.push(20)
     writer.push(fids, frames, batch, 0, 0)
     shard.ingest()
-keys = np.arange(shard._first, shard._next)
+keys = np.arange(shard.index.first, shard.index.next)
 prios = (keys % 13 + 1).astype(np.float32)
 shard.update_priorities(keys, prios)
 shard.snapshot()

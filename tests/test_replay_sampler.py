@@ -12,8 +12,9 @@ import redis
 from common.types import TransitionBatch
 from replay_server.keys import ReplayKeys
 from replay_server.rate_limiter import RateLimiter
+from replay_server.records import SLOT_BITS
 from replay_server.sampler import SLOT_MASK, ReplaySampler
-from replay_server.shard import SLOT_BITS, ReplayShard
+from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayWriter
 
 
@@ -234,7 +235,7 @@ def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
     assert sampler.stats()["dropped_rows"] == 4 * 200 - seen.sum()
     # Dropped rows leave the sum tree (weight 0: never drawn again); intact rows stay.
     assert sizes[0] < 200, sizes
-    weight = shards[0]._tree.get(np.arange(len(intact)) % shards[0].capacity)
+    weight = shards[0].index.tree.get(np.arange(len(intact)) % shards[0].capacity)
     assert (weight[intact] > 0).all()
     assert 0 < shards[0].stats().removed == int((weight[~intact] == 0).sum())
     assert shards[1].stats().removed == 0

@@ -82,8 +82,8 @@ def test_decode_into_mixed_codecs_and_bad_frames(pong_frames, dictionary):
         (None, "not a valid frame"),
         (lz4_frame[:-20], "not a valid frame"),  # truncated
         (over, "not a valid frame"),  # more than one frame's bytes: never written
-        (huge, "does not declare 7056"),  # checked before zstd allocates 10 MB
-        (unsized, "does not declare 7056"),
+        (huge, "claims .* bytes, expected 7056"),  # checked before zstd allocates 10 MB
+        (unsized, "claims .* bytes, expected 7056"),
         (zstd_frame[:-5], "zstd frames decoded to 7056 bytes"),
         (bytes([0xA1, 9]) + lz4_frame[2:], "unknown frame codec id 9"),
     ]:
@@ -108,7 +108,7 @@ def test_bad_frames_raise_wire_error(pong_frames):
         codec.decode([good[0][:2] + b"\xff" * 40])
     with pytest.raises(WireError):
         codec.decode([good[0][:-20]])  # truncated
-    with pytest.raises(WireError, match="not a frame"):
+    with pytest.raises(WireError, match="NoneType.*not a valid frame"):
         codec.decode([good[0], None])
     with pytest.raises(WireError, match="unknown frame codec"):
         FrameCodec("gzip")
