@@ -6,6 +6,12 @@ the flag ``--envs-per-actor`` and the key ``envs_per_actor`` under ``[actor]`` i
 a TOML/YAML file. Field names are unique across sections so that each flag names
 exactly one field. Nothing here is global state: build a `Config`, validate it,
 pass it down.
+
+Why one long module (~800 lines): each setting is declared once, here, with its
+default, its help and (for a number) its allowed range (`Bound`); the flags of
+``apex-dqn``, the config-file keys and every "bad config value" message are
+generated from these declarations, so splitting them would mean stating a setting
+in two places again.
 """
 
 from __future__ import annotations
@@ -28,215 +34,6 @@ REDIS_URL_ENV = "APEX_REDIS_URL"
 
 class ConfigError(ValueError):
     """A configuration value, key or file is invalid; the message says which."""
-
-
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta: dict[str, Any] = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    if callable(default):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def default_actors() -> int:
-    """One actor per CPU, leaving one for the learner and the replay."""
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
-@dataclass
-class EnvConfig:
-    env: str = _f(
-        "ALE/Pong-v5",
-        "game: a gymnasium id (ALE/Pong-v5, PongNoFrameskip-v4) or a bare game "
-        "name (pong, ms_pacman); ids keep their registered sticky-action setting",
-    )
-    sticky_actions: float = _f(
-        -1.0,
-        "repeat-action probability; -1 keeps the id's own (0.25 for ALE/*-v5 and "
-        "bare names, 0 for *NoFrameskip-v4) [Machado et al. 2018]",
-    )
-    full_action_space: bool = _f(
-        False, "use all 18 Atari actions instead of the game's minimal set"
-    )
-    episodic_life: bool = _f(
-        False,
-        "a lost life is a terminal for the learner, the game goes on (DQN 2015; off per "
-        "Machado et al. 2018); ALE only",
-    )
-    max_episode_frames: int = _f(
-        108_000, "emulator frames per episode cap (30 min of play, standard)"
-    )
-    noop_max: int = _f(30, "up to this many no-op actions at reset (DQN evaluation protocol)")
-    clip_rewards: bool = _f(True, "train on sign(reward); raw scores are still logged")
-
-
-@dataclass
-class ReplayConfig:
-    redis_url: str = _f(
-        "",
-        "redis://[:PASSWORD@]host:port[/db] of the replay; comma-separated for several "
-        "shards; empty: $APEX_REDIS_URL, else embedded redis-server(s). A password given "
-        "here is visible to every local user in ps: prefer $APEX_REDIS_URL or --redis-url-file",
-    )
-    redis_url_file: str = _f(
-        "",
-        "file holding the replay's Redis URL (read once at start; keep it mode 600); "
-        "instead of --redis-url",
-    )
-    shards: int = _f(1, "replay shards (one redis-server each) when --redis-url is empty")
-    capacity: int = _f(1_000_000, "replay capacity in transitions, all shards together (Ape-X: 2M)")
-    min_replay: int = _f(20_000, "transitions stored before learning starts")
-    codec: str = _f(
-        "lz4",
-        "frame compression: fastest decode per byte saved on Atari frames",
-        ("lz4", "zstd", "zstd-dict", "none"),
-    )
-    alpha: float = _f(0.6, "priority exponent (Schaul et al. 2016, Ape-X)")
-    beta: float = _f(
-        0.4,
-        "importance-weight exponent at start (Ape-X: 0.4), annealed to 1 (Schaul et al. "
-        "2016; Ape-X kept it fixed)",
-    )
-    beta_anneal_updates: int = _f(1_000_000, "learner updates over which beta reaches 1")
-    samples_per_insert: float = _f(
-        8.0,
-        "max sampled/inserted transitions ratio (learner waits above it); 0 = unlimited",
-    )
-    loader_workers: int = _f(2, "loader processes (fetch + decode) feeding the learner")
-    prefetch: int = _f(4, "batches queued ahead of the learner")
-    data_dir: str = _f("", "directory for embedded redis-server data (default: LOGDIR/redis)")
-    replay_reset: bool = _f(
-        False,
-        "delete the replay the shards' Redis holds (this namespace only) and start an "
-        "empty one; without it a replay made with other settings stops the run",
-    )
-
-
-@dataclass
-class ActorConfig:
-    actors: int = _f(
-        default_actors, "actor processes (1 CPU each); default: CPUs minus one, at least 1"
-    )
-    envs_per_actor: int = _f(16, "environments stepped together by one actor (batched inference)")
-    n_step: int = _f(3, "n-step return length (Ape-X: 3)")
-    gamma: float = _f(0.99, "discount factor")
-    exploration: str = _f(
-        "apex",
-        "apex: fixed per-env eps_i = eps_base**(1 + eps_alpha*i/(N-1)); "
-        "exp/linear: one schedule decaying from eps_start to eps_end",
-        ("apex", "exp", "linear"),
-    )
-    eps_base: float = _f(0.4, "Ape-X epsilon base")
-    eps_alpha: float = _f(7.0, "Ape-X epsilon exponent spread")
-    eps_start: float = _f(1.0, "decaying schedule: start epsilon")
-    eps_end: float = _f(0.01, "decaying schedule: final epsilon")
-    eps_decay_frames: int = _f(
-        1_000_000, "decaying schedule: env frames (per actor) to reach eps_end"
-    )
-    push_every: int = _f(25, "vector steps between pushes to the replay (one round trip each)")
-    weight_poll_steps: int = _f(
-        100, "vector steps between checks for newer weights (Ape-X: 400 frames)"
-    )
-    local_buffer: int = _f(
-        50_000, "transitions buffered while the replay is unreachable (oldest dropped)"
-    )
-
-
-@dataclass
-class LearnerConfig:
-    batch_size: int = _f(
-        0,
-        "minibatch size; 0 = the profile's (gpu 512 as Ape-X, cpu 32), else 512 on CUDA, 64 on CPU",
-    )
-    optimizer: str = _f("adam", "adam, or centered rmsprop as in Ape-X", ("adam", "rmsprop"))
-    lr: float = _f(0.0, "learning rate; 0 = 1e-4 for adam, 0.00025/4 for rmsprop (Ape-X)")
-    target_update: int = _f(2_500, "learner updates between target-network copies (Ape-X: 2500)")
-    grad_clip: float = _f(40.0, "gradient-norm clip (Ape-X: 40)")
-    network: str = _f(
-        "",
-        "Q-network torso: nature (Mnih et al. 2015, Ape-X) or small (Mnih et al. 2013: "
-        "~2.5x the updates/s on a CPU); empty: the --profile's choice",
-        ("", "nature", "small"),
-    )
-    dueling: bool = _f(True, "dueling value/advantage head (Wang et al. 2016)")
-    double: bool = _f(True, "double-DQN target (van Hasselt et al. 2016)")
-    publish_seconds: float = _f(1.0, "seconds of training between weight broadcasts")
-    checkpoint_minutes: float = _f(5.0, "minutes between checkpoints (also written at exit)")
-    keep_checkpoints: int = _f(
-        3, "checkpoints kept (LOGDIR/checkpoint-<updates>.pt; checkpoint.pt is the newest)"
-    )
-    device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
-    compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
-    learner_dtype: str = _f(
-        "auto",
-        "precision of the learner's trunk (convolutions, hidden layers): bfloat16 autocast "
-        "(output layers, targets, loss stay float32), float32, or auto: bfloat16 where a "
-        "start-up probe times it faster",
-        ("auto", "float32", "bfloat16"),
-    )
-    torch_threads: int = _f(
-        0,
-        "CPU threads for the learner's torch; 0 = the cores no local actor takes (cpu "
-        "profile: set by it), else torch's default",
-    )
-
-
-@dataclass
-class RunConfig:
-    profile: str = _f(
-        "auto",
-        "hardware profile filling the settings not given: gpu (the published Ape-X "
-        "settings), cpu (a learner on a few cores: batch 32, no Double DQN, ...), or "
-        "auto: gpu when the learner gets a CUDA device; printed at start, and stored "
-        "resolved in config.json",
-        ("auto", "cpu", "gpu"),
-    )
-    logdir: str = _f("", "checkpoints, TensorBoard logs and redis data; default runs/<game>-<time>")
-    max_seconds: float = _f(0.0, "stop after this many seconds; 0 = no limit")
-    max_frames: int = _f(
-        0,
-        "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
-    )
-    max_updates: int = _f(
-        0,
-        "stop after this many learner updates (resumed ones included); 0 = no limit. "
-        "Bounds a run by work, not time: the same run on a slow or a busy machine",
-    )
-    resume: str = _f(
-        "",
-        "checkpoint to continue from: its run's settings, logdir and replay, counters, "
-        "optimizer and schedules (flags given with it still apply)",
-    )
-    summary_json: str = _f("", "write a JSON summary of the run here at exit")
-    ray_address: str = _f(
-        "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
-    )
-    log_every: float = _f(10.0, "seconds between console progress lines")
-    seed: int = _f(0, "base random seed")
-
-
-@dataclass
-class EvalConfig:
-    """Greedy evaluation while training runs (`learner.evaluator`): a separate
-    1-CPU Ray actor plays the newest weights under the published protocol (no
-    sticky actions, up to 30 no-op starts, 108K-frame cap, epsilon 0.001), because
-    the training return mixes every actor's epsilon and is not the policy's score."""
-
-    eval_every_minutes: float = _f(
-        10.0,
-        "minutes between evaluations of the newest weights (the learner never waits "
-        "for one); 0 = off",
-    )
-    eval_episodes: int = _f(
-        10, "episodes per evaluation (10: a mean within a few points on most games)"
-    )
-    eval_video_every: int = _f(
-        5, "every K-th evaluation also writes one MP4 to LOGDIR/videos/; 0 = never"
-    )
-    keep_videos: int = _f(
-        20, "evaluation MP4s kept in LOGDIR/videos/ (the newest; older ones are deleted)"
-    )
 
 
 @dataclass(frozen=True)
@@ -283,87 +80,357 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-# Every int and float field, its allowed range and why (checked in Config.validate;
-# tests/test_config_cli.py checks that no numeric field is missing). Bytes per
-# transition: ~450 in Redis (README, bench/replay.py) + ~100 of index in the shard
-# process (an 80-byte record, the priority and the sum tree).
-BOUNDS: dict[str, Bound] = {
-    # [env]
-    "sticky_actions": Bound(0, 1, "a probability", special=((-1, "the id's own"),)),
-    "max_episode_frames": Bound(1, 10**8, "emulator frames per episode; 10^8 is 19 days of play"),
-    "noop_max": Bound(0, 10_000, "no-ops at reset; the evaluation protocol uses 30"),
-    # [replay]
-    "shards": Bound(1, 64, "one redis-server and one Ray actor each, all on the driver's node"),
-    "capacity": Bound(
+def _f(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    bound: Bound | None = None,
+) -> Any:
+    """A config field: its default, one-line ``help``, and for a string its
+    ``choices``, for a number its `Bound` (checked by `Config.validate`)."""
+    meta: dict[str, Any] = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if bound is not None:
+        meta["bound"] = bound
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_actors() -> int:
+    """One actor per CPU, leaving one for the learner and the replay."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass
+class EnvConfig:
+    env: str = _f(
+        "ALE/Pong-v5",
+        "game: a gymnasium id (ALE/Pong-v5, PongNoFrameskip-v4) or a bare game "
+        "name (pong, ms_pacman); ids keep their registered sticky-action setting",
+    )
+    sticky_actions: float = _f(
+        -1.0,
+        "repeat-action probability; -1 keeps the id's own (0.25 for ALE/*-v5 and "
+        "bare names, 0 for *NoFrameskip-v4) [Machado et al. 2018]",
+        bound=Bound(0, 1, "a probability", special=((-1, "the id's own"),)),
+    )
+    full_action_space: bool = _f(
+        False, "use all 18 Atari actions instead of the game's minimal set"
+    )
+    episodic_life: bool = _f(
+        False,
+        "a lost life is a terminal for the learner, the game goes on (DQN 2015; off per "
+        "Machado et al. 2018); ALE only",
+    )
+    max_episode_frames: int = _f(
+        108_000,
+        "emulator frames per episode cap (30 min of play, standard)",
+        bound=Bound(1, 10**8, "emulator frames per episode; 10^8 is 19 days of play"),
+    )
+    noop_max: int = _f(
+        30,
+        "up to this many no-op actions at reset (DQN evaluation protocol)",
+        bound=Bound(0, 10_000, "no-ops at reset; the evaluation protocol uses 30"),
+    )
+    clip_rewards: bool = _f(True, "train on sign(reward); raw scores are still logged")
+
+
+@dataclass
+class ReplayConfig:
+    redis_url: str = _f(
+        "",
+        "redis://[:PASSWORD@]host:port[/db] of the replay; comma-separated for several "
+        "shards; empty: $APEX_REDIS_URL, else embedded redis-server(s). A password given "
+        "here is visible to every local user in ps: prefer $APEX_REDIS_URL or --redis-url-file",
+    )
+    redis_url_file: str = _f(
+        "",
+        "file holding the replay's Redis URL (read once at start; keep it mode 600); "
+        "instead of --redis-url",
+    )
+    shards: int = _f(
         1,
-        10**9,
-        "~550 B of RAM per transition in Redis and the index, so 10^9 needs ~0.55 TB; Ape-X used 2M",
-    ),
-    "min_replay": Bound(1, 10**9, "transitions stored before learning; at most --capacity"),
-    "alpha": Bound(0, 1, "priority exponent: 0 uniform, 1 fully proportional"),
-    "beta": Bound(0, 1, "importance-weight exponent: 1 corrects fully"),
-    "beta_anneal_updates": Bound(1, 10**10, "learner updates; Ape-X ran ~10^6"),
-    "samples_per_insert": Bound(
-        0.01,
-        10_000,
-        "sampled/inserted ratio; below 0.01 use 0 (no limit) instead",
-        special=((0, "unlimited"),),
-    ),
-    "loader_workers": Bound(1, 64, "loader processes next to the driver (one core each at most)"),
-    "prefetch": Bound(
-        1, 64, "batches queued in RAM, each 2 x B x 4 x 84 x 84 bytes: 29 MB at B=512"
-    ),
-    # [actor]
-    "actors": Bound(1, 10_000, "one CPU each; Ape-X used 360"),
-    "envs_per_actor": Bound(1, 1024, "environments stepped and inferred together by one actor"),
-    "n_step": Bound(1, 100, "return length in agent steps; Ape-X used 3"),
-    "gamma": Bound(0, 1, "a discount", lo_open=True),
-    "eps_base": Bound(0, 1, "an epsilon", lo_open=True, hi_open=True),
-    "eps_alpha": Bound(0, 100, "exponent spread; 100 already gives eps_N ~ 1e-40"),
-    "eps_start": Bound(0, 1, "an epsilon"),
-    "eps_end": Bound(0, 1, "an epsilon"),
-    "eps_decay_frames": Bound(1, 10**12, "env frames per actor"),
-    "push_every": Bound(1, 10_000, "vector steps per push; a push holds steps x envs transitions"),
-    "weight_poll_steps": Bound(1, 10**6, "vector steps between weight checks"),
-    "local_buffer": Bound(
-        1,
-        10**6,
-        "transitions an actor keeps in RAM while Redis is down, ~0.4-2 KB each with "
-        "their compressed frames",
-    ),
-    # [learner]
-    "batch_size": Bound(1, 8192, "transitions per update", special=((0, "auto"),)),
-    "lr": Bound(0, 1, "a learning rate", lo_open=True, special=((0, "the optimizer's default"),)),
-    "target_update": Bound(1, 10**8, "learner updates between target copies"),
-    "grad_clip": Bound(0, 10**6, "a gradient norm", lo_open=True),
-    "publish_seconds": Bound(0.01, 3600, "seconds between weight broadcasts"),
-    "checkpoint_minutes": Bound(
-        0.05,
-        10_080,
-        "minutes between checkpoints: more often than every 3 s slows training; at most a week",
-    ),
-    "torch_threads": Bound(0, 1024, "CPU threads", special=((0, "torch's default"),)),
-    "keep_checkpoints": Bound(1, 1000, "checkpoints kept on disk, ~20 MB each"),
-    # [run]
-    "max_seconds": Bound(0, 31_536_000, "at most a year", special=((0, "no limit"),)),
-    "max_frames": Bound(
-        0, 10**12, "env frames; Ape-X used 2.3 x 10^10", special=((0, "no limit"),)
-    ),
-    "max_updates": Bound(0, 10**12, "learner updates", special=((0, "no limit"),)),
-    "log_every": Bound(0.1, 86_400, "seconds between progress lines"),
-    "seed": Bound(
+        "replay shards (one redis-server each) when --redis-url is empty",
+        bound=Bound(1, 64, "one redis-server and one Ray actor each, all on the driver's node"),
+    )
+    capacity: int = _f(
+        1_000_000,
+        "replay capacity in transitions, all shards together (Ape-X: 2M)",
+        bound=Bound(
+            1,
+            10**9,
+            "~550 B of RAM per transition in Redis and the index, so 10^9 needs ~0.55 TB; Ape-X used 2M",
+        ),
+    )
+    min_replay: int = _f(
+        20_000,
+        "transitions stored before learning starts",
+        bound=Bound(1, 10**9, "transitions stored before learning; at most --capacity"),
+    )
+    codec: str = _f(
+        "lz4",
+        "frame compression: fastest decode per byte saved on Atari frames",
+        ("lz4", "zstd", "zstd-dict", "none"),
+    )
+    alpha: float = _f(
+        0.6,
+        "priority exponent (Schaul et al. 2016, Ape-X)",
+        bound=Bound(0, 1, "priority exponent: 0 uniform, 1 fully proportional"),
+    )
+    beta: float = _f(
+        0.4,
+        "importance-weight exponent at start (Ape-X: 0.4), annealed to 1 (Schaul et al. "
+        "2016; Ape-X kept it fixed)",
+        bound=Bound(0, 1, "importance-weight exponent: 1 corrects fully"),
+    )
+    beta_anneal_updates: int = _f(
+        1_000_000,
+        "learner updates over which beta reaches 1",
+        bound=Bound(1, 10**10, "learner updates; Ape-X ran ~10^6"),
+    )
+    samples_per_insert: float = _f(
+        8.0,
+        "max sampled/inserted transitions ratio (learner waits above it); 0 = unlimited",
+        bound=Bound(
+            0.01,
+            10_000,
+            "sampled/inserted ratio; below 0.01 use 0 (no limit) instead",
+            special=((0, "unlimited"),),
+        ),
+    )
+    loader_workers: int = _f(
+        2,
+        "loader processes (fetch + decode) feeding the learner",
+        bound=Bound(1, 64, "loader processes next to the driver (one core each at most)"),
+    )
+    prefetch: int = _f(
+        4,
+        "batches queued ahead of the learner",
+        bound=Bound(1, 64, "batches queued in RAM, each 2 x B x 4 x 84 x 84 bytes: 29 MB at B=512"),
+    )
+    data_dir: str = _f("", "directory for embedded redis-server data (default: LOGDIR/redis)")
+    replay_reset: bool = _f(
+        False,
+        "delete the replay the shards' Redis holds (this namespace only) and start an "
+        "empty one; without it a replay made with other settings stops the run",
+    )
+
+
+@dataclass
+class ActorConfig:
+    actors: int = _f(
+        default_actors,
+        "actor processes (1 CPU each); default: CPUs minus one, at least 1",
+        bound=Bound(1, 10_000, "one CPU each; Ape-X used 360"),
+    )
+    envs_per_actor: int = _f(
+        16,
+        "environments stepped together by one actor (batched inference)",
+        bound=Bound(1, 1024, "environments stepped and inferred together by one actor"),
+    )
+    n_step: int = _f(
+        3,
+        "n-step return length (Ape-X: 3)",
+        bound=Bound(1, 100, "return length in agent steps; Ape-X used 3"),
+    )
+    gamma: float = _f(0.99, "discount factor", bound=Bound(0, 1, "a discount", lo_open=True))
+    exploration: str = _f(
+        "apex",
+        "apex: fixed per-env eps_i = eps_base**(1 + eps_alpha*i/(N-1)); "
+        "exp/linear: one schedule decaying from eps_start to eps_end",
+        ("apex", "exp", "linear"),
+    )
+    eps_base: float = _f(
+        0.4, "Ape-X epsilon base", bound=Bound(0, 1, "an epsilon", lo_open=True, hi_open=True)
+    )
+    eps_alpha: float = _f(
+        7.0,
+        "Ape-X epsilon exponent spread",
+        bound=Bound(0, 100, "exponent spread; 100 already gives eps_N ~ 1e-40"),
+    )
+    eps_start: float = _f(1.0, "decaying schedule: start epsilon", bound=Bound(0, 1, "an epsilon"))
+    eps_end: float = _f(0.01, "decaying schedule: final epsilon", bound=Bound(0, 1, "an epsilon"))
+    eps_decay_frames: int = _f(
+        1_000_000,
+        "decaying schedule: env frames (per actor) to reach eps_end",
+        bound=Bound(1, 10**12, "env frames per actor"),
+    )
+    push_every: int = _f(
+        25,
+        "vector steps between pushes to the replay (one round trip each)",
+        bound=Bound(1, 10_000, "vector steps per push; a push holds steps x envs transitions"),
+    )
+    weight_poll_steps: int = _f(
+        100,
+        "vector steps between checks for newer weights (Ape-X: 400 frames)",
+        bound=Bound(1, 10**6, "vector steps between weight checks"),
+    )
+    local_buffer: int = _f(
+        50_000,
+        "transitions buffered while the replay is unreachable (oldest dropped)",
+        bound=Bound(
+            1,
+            10**6,
+            "transitions an actor keeps in RAM while Redis is down, ~0.4-2 KB each with "
+            "their compressed frames",
+        ),
+    )
+
+
+@dataclass
+class LearnerConfig:
+    batch_size: int = _f(
         0,
-        2**31 - 1,
-        "seeds torch, numpy and ALE, which takes int32 seeds; evaluate seeds env j with seed + j",
-    ),
-    # [eval]
-    "eval_every_minutes": Bound(
-        0.01, 10_080, "minutes between evaluations, at most a week", special=((0, "off"),)
-    ),
-    "eval_episodes": Bound(1, 10_000, "whole episodes per evaluation; published tables use 30"),
-    "eval_video_every": Bound(1, 10**6, "evaluations per video", special=((0, "never"),)),
-    "keep_videos": Bound(1, 10**6, "MP4s kept on disk, ~0.1-2 MB each"),
-}
+        "minibatch size; 0 = the profile's (gpu 512 as Ape-X, cpu 32), else 512 on CUDA, 64 on CPU",
+        bound=Bound(1, 8192, "transitions per update", special=((0, "auto"),)),
+    )
+    optimizer: str = _f("adam", "adam, or centered rmsprop as in Ape-X", ("adam", "rmsprop"))
+    lr: float = _f(
+        0.0,
+        "learning rate; 0 = 1e-4 for adam, 0.00025/4 for rmsprop (Ape-X)",
+        bound=Bound(
+            0, 1, "a learning rate", lo_open=True, special=((0, "the optimizer's default"),)
+        ),
+    )
+    target_update: int = _f(
+        2_500,
+        "learner updates between target-network copies (Ape-X: 2500)",
+        bound=Bound(1, 10**8, "learner updates between target copies"),
+    )
+    grad_clip: float = _f(
+        40.0,
+        "gradient-norm clip (Ape-X: 40)",
+        bound=Bound(0, 10**6, "a gradient norm", lo_open=True),
+    )
+    network: str = _f(
+        "",
+        "Q-network torso: nature (Mnih et al. 2015, Ape-X) or small (Mnih et al. 2013: "
+        "~2.5x the updates/s on a CPU); empty: the --profile's choice",
+        ("", "nature", "small"),
+    )
+    dueling: bool = _f(True, "dueling value/advantage head (Wang et al. 2016)")
+    double: bool = _f(True, "double-DQN target (van Hasselt et al. 2016)")
+    publish_seconds: float = _f(
+        1.0,
+        "seconds of training between weight broadcasts",
+        bound=Bound(0.01, 3600, "seconds between weight broadcasts"),
+    )
+    checkpoint_minutes: float = _f(
+        5.0,
+        "minutes between checkpoints (also written at exit)",
+        bound=Bound(
+            0.05,
+            10_080,
+            "minutes between checkpoints: more often than every 3 s slows training; at most a week",
+        ),
+    )
+    keep_checkpoints: int = _f(
+        3,
+        "checkpoints kept (LOGDIR/checkpoint-<updates>.pt; checkpoint.pt is the newest)",
+        bound=Bound(1, 1000, "checkpoints kept on disk, ~20 MB each"),
+    )
+    device: str = _f("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N")
+    compile: bool = _f(False, "torch.compile the network (CUDA only; slow first steps)")
+    learner_dtype: str = _f(
+        "auto",
+        "precision of the learner's trunk (convolutions, hidden layers): bfloat16 autocast "
+        "(output layers, targets, loss stay float32), float32, or auto: bfloat16 where a "
+        "start-up probe times it faster",
+        ("auto", "float32", "bfloat16"),
+    )
+    torch_threads: int = _f(
+        0,
+        "CPU threads for the learner's torch; 0 = the cores no local actor takes (cpu "
+        "profile: set by it), else torch's default",
+        bound=Bound(0, 1024, "CPU threads", special=((0, "torch's default"),)),
+    )
+
+
+@dataclass
+class RunConfig:
+    profile: str = _f(
+        "auto",
+        "hardware profile filling the settings not given: gpu (the published Ape-X "
+        "settings), cpu (a learner on a few cores: batch 32, no Double DQN, ...), or "
+        "auto: gpu when the learner gets a CUDA device; printed at start, and stored "
+        "resolved in config.json",
+        ("auto", "cpu", "gpu"),
+    )
+    logdir: str = _f("", "checkpoints, TensorBoard logs and redis data; default runs/<game>-<time>")
+    max_seconds: float = _f(
+        0.0,
+        "stop after this many seconds; 0 = no limit",
+        bound=Bound(0, 31_536_000, "at most a year", special=((0, "no limit"),)),
+    )
+    max_frames: int = _f(
+        0,
+        "stop after this many env frames (ALE: emulator frames, frame skip counted; other envs: steps); 0 = no limit",
+        bound=Bound(0, 10**12, "env frames; Ape-X used 2.3 x 10^10", special=((0, "no limit"),)),
+    )
+    max_updates: int = _f(
+        0,
+        "stop after this many learner updates (resumed ones included); 0 = no limit. "
+        "Bounds a run by work, not time: the same run on a slow or a busy machine",
+        bound=Bound(0, 10**12, "learner updates", special=((0, "no limit"),)),
+    )
+    resume: str = _f(
+        "",
+        "checkpoint to continue from: its run's settings, logdir and replay, counters, "
+        "optimizer and schedules (flags given with it still apply)",
+    )
+    summary_json: str = _f("", "write a JSON summary of the run here at exit")
+    ray_address: str = _f(
+        "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
+    )
+    log_every: float = _f(
+        10.0,
+        "seconds between console progress lines",
+        bound=Bound(0.1, 86_400, "seconds between progress lines"),
+    )
+    seed: int = _f(
+        0,
+        "base random seed",
+        bound=Bound(
+            0,
+            2**31 - 1,
+            "seeds torch, numpy and ALE, which takes int32 seeds; evaluate seeds env j with seed + j",
+        ),
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation while training runs (`learner.evaluator`): a separate
+    1-CPU Ray actor plays the newest weights under the published protocol (no
+    sticky actions, up to 30 no-op starts, 108K-frame cap, epsilon 0.001), because
+    the training return mixes every actor's epsilon and is not the policy's score."""
+
+    eval_every_minutes: float = _f(
+        10.0,
+        "minutes between evaluations of the newest weights (the learner never waits "
+        "for one); 0 = off",
+        bound=Bound(
+            0.01, 10_080, "minutes between evaluations, at most a week", special=((0, "off"),)
+        ),
+    )
+    eval_episodes: int = _f(
+        10,
+        "episodes per evaluation (10: a mean within a few points on most games)",
+        bound=Bound(1, 10_000, "whole episodes per evaluation; published tables use 30"),
+    )
+    eval_video_every: int = _f(
+        5,
+        "every K-th evaluation also writes one MP4 to LOGDIR/videos/; 0 = never",
+        bound=Bound(1, 10**6, "evaluations per video", special=((0, "never"),)),
+    )
+    keep_videos: int = _f(
+        20,
+        "evaluation MP4s kept in LOGDIR/videos/ (the newest; older ones are deleted)",
+        bound=Bound(1, 10**6, "MP4s kept on disk, ~0.1-2 MB each"),
+    )
+
 
 # Paths that end up inside the embedded redis-server's configuration (its data directory
 # lies under LOGDIR unless --data-dir says otherwise): a quote, a backslash or a
@@ -381,6 +448,18 @@ SECTIONS: dict[str, type] = {
     "learner": LearnerConfig,
     "run": RunConfig,
     "eval": EvalConfig,
+}
+
+# Every int and float field's allowed range and why, declared with the field
+# (``bound=``), checked in Config.validate; tests/test_config_cli.py checks that no
+# numeric field is missing one. Bytes per transition (the capacity bound): ~450 in
+# Redis (docs/benchmarks.md, bench/replay.py) + ~100 of index in the shard process
+# (an 80-byte record, the priority and the sum tree).
+BOUNDS: dict[str, Bound] = {
+    f.name: f.metadata["bound"]
+    for cls in SECTIONS.values()
+    for f in fields(cls)
+    if "bound" in f.metadata
 }
 
 
