@@ -120,6 +120,11 @@ class ApexActor:
     weight_store: a handle of `common.weights.WeightStore` (Ray actor), or None to
     act with the initial random weights. num_actors: default ``cfg.actor.actors``.
     inference_dtype: auto | float32 | bfloat16 (see `actors.policy`).
+    subscriber: anything with ``poll() -> (version, weights) | None`` and
+    ``version``, used instead of a `WeightSubscriber` on ``weight_store`` (an
+    in-process run: `deploy.inprocess.LocalSubscriber`).
+    torch_threads: torch's CPU threads for this process (the Ray actor: 1, its one
+    CPU); None leaves them (in-process, next to the learner).
 
     Thread-safety: ``run`` in one thread; ``stop`` and ``stats`` may be called from
     another one at any time.
@@ -133,8 +138,11 @@ class ApexActor:
         weight_store: Any | None = None,
         num_actors: int | None = None,
         inference_dtype: str = "auto",
+        subscriber: Any | None = None,
+        torch_threads: int | None = 1,
     ):
-        torch.set_num_threads(1)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.cfg = cfg
         a = cfg.actor
         self.index = actor_index
@@ -185,7 +193,9 @@ class ApexActor:
         self._nstep = NStepAccumulator(self.num_envs, a.n_step, a.gamma)
         self._stacker = FrameStacker(self.num_envs)
         self._weight_store = weight_store
-        self._subscriber = WeightSubscriber(weight_store) if weight_store is not None else None
+        if subscriber is None and weight_store is not None:
+            subscriber = WeightSubscriber(weight_store)
+        self._subscriber = subscriber
         self.policy_version = 0  # tags pushes; 0 = the initial random weights
         self.last_actions = np.zeros(self.num_envs, np.int64)  # int64[E] of the last step
         self._ep_return = np.zeros(self.num_envs, np.float64)
@@ -361,6 +371,8 @@ class ApexActor:
         try:
             got = self._subscriber.poll()
         except Exception as exc:  # the store died or restarted: resubscribe, keep acting
+            if self._weight_store is None:  # a local subscriber: nothing to resubscribe to
+                raise
             log.warning("actor %d: weight poll failed (%s); resubscribing", self.index, exc)
             have = self._subscriber.version
             self._subscriber = WeightSubscriber(self._weight_store)

@@ -54,8 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import Config  # noqa: E402
+from learner.background import PriorityWriter  # noqa: E402
 from learner.learner import Learner  # noqa: E402
-from learner.loop import PriorityWriter  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -284,6 +284,7 @@ def main() -> None:
         print(json.dumps(cpu_steps(args)))
         return
 
+    from replay_server.endpoints import endpoints, pair
     from replay_server.loader import DataSource
     from replay_server.redis_proc import EmbeddedRedis
     from replay_server.sampler import ReplaySampler
@@ -305,7 +306,9 @@ def main() -> None:
 
     with EmbeddedRedis(None, appendonly=False) as server:
         shard, fill_s = fill_replay(server.url, args.transitions, args.codec, seed=0)
-        sampler = ReplaySampler([shard], [server.url], codec=args.codec, min_size=batch_size)
+        sampler = ReplaySampler(
+            pair([shard], endpoints([server.url])), codec=args.codec, min_size=batch_size
+        )
         first = sampler.sample(batch_size, 0.4)
         loader = DataSource(sampler, batch_size, args.loader_workers, args.prefetch, timeout=60)
         try:

@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.synthetic import SyntheticActor, pong_frames  # noqa: E402
 from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch  # noqa: E402
 from common.wire import CODEC_IDS, FrameCodec, encode_batch, train_zstd_dictionary  # noqa: E402
+from replay_server.endpoints import endpoints, pair
 from replay_server.keys import ReplayKeys  # noqa: E402
 from replay_server.loader import DataSource  # noqa: E402
 from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
@@ -351,7 +352,9 @@ def main() -> None:
             for name, c in res["codecs"].items()
         }
         # ---- sampling ------------------------------------------------------
-        sampler = ReplaySampler([shard], [server.url], args.codec, min_size=1, seed=0)
+        sampler = ReplaySampler(
+            pair([shard], endpoints([server.url])), args.codec, min_size=1, seed=0
+        )
         draws = [shard.sample(args.batch) for _ in range(args.sample_batches)]
         all_ids = np.unique(
             np.concatenate([np.concatenate([d.obs_ids, d.next_obs_ids]).ravel() for d in draws])

@@ -384,6 +384,12 @@ class RunConfig:
     ray_address: str = _f(
         "", "Ray cluster address (auto, host:port, ray://...); empty starts local Ray"
     )
+    in_process: bool = _f(
+        False,
+        "actors, replay shards and learner in this one process, without Ray (the "
+        "same classes, a real Redis): for pdb and fast step-bound tests; slower on "
+        "several cores (one interpreter)",
+    )
     log_every: float = _f(
         10.0,
         "seconds between console progress lines",
@@ -574,6 +580,12 @@ class Config:
             (
                 r.capacity >= self.num_shards(),
                 f"capacity={r.capacity} is below the number of shards ({self.num_shards()})",
+            ),
+            (
+                not (self.run.in_process and self.run.ray_address),
+                "in_process runs without Ray, so ray_address "
+                f"({self.run.ray_address!r}) cannot be used with it; drop one of "
+                "--in-process and --ray-address",
             ),
         ]
         for ok, msg in cross:

@@ -40,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.actor import ActorStats
 from common.config import Config
+from replay_server.endpoints import ShardEndpoint, pair
 from replay_server.namespace import ReplayIdentity
 from replay_server.protocol import ShardStats
 from replay_server.remote import RemoteShard
@@ -94,7 +95,8 @@ def _cause(exc: BaseException) -> str:
 class ReplayFleet:
     """The ``apex-replay-<k>`` shard actors and what the driver needs of them.
 
-    ``shards`` are `RemoteShard` views for the sampler; `stats` answers with the
+    ``links`` pair each shard's `RemoteShard` view with its endpoint (the sampler's
+    input; ``shards`` are the views alone); `stats` answers with the
     last known `ShardStats` of a shard that does not answer in time (restarting,
     busy) and counts restarts (a new pid).
     """
@@ -102,7 +104,7 @@ class ReplayFleet:
     def __init__(
         self,
         cfg: Config,
-        urls: list[str],
+        eps: list[ShardEndpoint],
         capacity_per_shard: int,
         identity: ReplayIdentity,
         stats_timeout: float = 2.0,
@@ -111,21 +113,27 @@ class ReplayFleet:
 
         cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1)(ReplayShard)
         self.handles = [
-            cls.options(name=f"apex-replay-{k}", scheduling_strategy=driver_node_strategy()).remote(
-                url,
+            cls.options(
+                name=f"apex-replay-{ep.index}", scheduling_strategy=driver_node_strategy()
+            ).remote(
+                ep.url,
                 capacity_per_shard,
                 alpha=cfg.replay.alpha,
                 codec=cfg.replay.codec,
+                namespace=ep.namespace,
                 identity=identity,
                 autostart=True,
             )
-            for k, url in enumerate(urls)
+            for ep in eps
         ]
-        self.shards = [RemoteShard(h) for h in self.handles]
+        self.links = pair(
+            [RemoteShard(h, name=f"replay shard {k}") for k, h in enumerate(self.handles)], eps
+        )
+        self.shards = [link.shard for link in self.links]
         self.stats_timeout = stats_timeout
         self.restarts = 0
-        self._last: list[ShardStats | None] = [None] * len(urls)
-        self._first: list[ShardStats | None] = [None] * len(urls)
+        self._last: list[ShardStats | None] = [None] * len(eps)
+        self._first: list[ShardStats | None] = [None] * len(eps)
         first = self.stats(timeout=60.0)  # the constructors ran (or raised)
         if any(s is None for s in first):
             raise FleetError("a replay shard did not start within 60 s")
@@ -223,7 +231,7 @@ class ActorFleet:
     def __init__(
         self,
         cfg: Config,
-        urls: list[str],
+        eps: list[ShardEndpoint],
         weight_store: str = WEIGHTS_NAME,
         start_frames: int = 0,
     ):
@@ -237,7 +245,7 @@ class ActorFleet:
         self.actors: list[_ActorState] = []
         for i in range(n):
             handle = cls.options(name=f"apex-actor-{i}").remote(
-                cfg, i, urls[i % len(urls)], weight_store, n
+                cfg, i, eps[i % len(eps)].url, weight_store, n
             )
             self.actors.append(_ActorState(index=i, handle=handle))
         self.start_frames_each = max(0, int(start_frames)) // max(1, n)

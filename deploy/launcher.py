@@ -9,19 +9,23 @@
   3. the replay namespaces: each shard's Redis must hold nothing, or a replay
      this run can continue (same game, codec, n-step, gamma, capacity); anything
      else stops the run here (exit 2) naming ``--replay-reset``, which deletes it;
-  4. Ray: connect to ``--ray-address`` or start a local Ray;
+  4. Ray: connect to ``--ray-address`` or start a local Ray (not with
+     ``--in-process``, which runs the same roles in threads of this process:
+     `deploy.inprocess`);
   5. `_run`: the named Ray actors (weights store, replay shards, env actors;
      `deploy.fleet`; and ``apex-eval`` unless --eval-every-minutes is 0,
-     `deploy.evaluation`) and the learner's `TrainLoop` in this process (the driver
-     takes the GPU when its node has one), fed by loader processes through
-     `replay_server.loader.DataSource`; `RunMonitor` polls the roles for the loop;
-  6. on the time/frame limit, Ctrl-C, SIGTERM, or a role that cannot run: stop
-     the actors, write the final checkpoint, score the final weights on
-     ``apex-eval`` (not after SIGTERM, whose sender waits only a grace period,
-     nor when a role failed; a second Ctrl-C skips it), let the
-     shards ingest what was pushed, write the summary JSON (with what every fault cost, see
-     `RunMonitor.summary`), stop the shards (they snapshot their index), shut
-     down local Ray and the embedded redis-server(s).
+     `deploy.evaluation`) and the learner's `TrainLoop` in this process (the
+     driver takes the GPU when its node has one), fed by loader processes through
+     `replay_server.loader.DataSource`; the replay ratio's one owner
+     (`replay_server.rate_limiter.ReplayRatioKeeper`) paces both sides;
+     `deploy.monitor.RunMonitor` polls the roles for the loop;
+  6. on the time/frame/update limit, Ctrl-C, SIGTERM, or a role that cannot run:
+     stop the actors, write the final checkpoint, score the final weights on
+     ``apex-eval`` (not after SIGTERM, whose sender waits only a grace period, nor
+     when a role failed; a second Ctrl-C skips it), let the shards ingest what was
+     pushed, write the summary JSON (with what every fault cost, see
+     `deploy.monitor.RunMonitor.summary`), stop the shards (they snapshot their
+     index), shut down local Ray and the embedded redis-server(s).
 
 Faults during the run are the roles' own business (see the README's Failures
 table): actors buffer while the replay is unavailable, shards wait and
@@ -94,6 +98,7 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
 
     if warning := single_env_warning(cfg.actor, cfg.actor.actors):
         out(f"[apex] warning: {warning}")
+    from replay_server.endpoints import endpoints
     from replay_server.namespace import ReplayIdentity
 
     identity = ReplayIdentity(
@@ -107,10 +112,12 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
     stop = threading.Event()
     with ExitStack() as stack:
         backend = stack.enter_context(_redis(cfg, logdir, out))
-        _check_namespaces(cfg, backend.urls, identity, out)
-        stack.enter_context(_ray(cfg, out))
+        eps = endpoints(backend.urls)  # the run's shard endpoints, built once
+        _check_namespaces(cfg, eps, identity, out)
+        if not cfg.run.in_process:
+            stack.enter_context(_ray(cfg, out))
         stack.enter_context(_signals(stop, out))
-        summary = _run(cfg, backend, identity, resume_state, logdir, stop, out)
+        summary = _run(cfg, backend, eps, identity, resume_state, logdir, stop, out)
     if cfg.run.summary_json:
         Path(cfg.run.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.run.summary_json).write_text(json.dumps(summary, indent=2))
@@ -227,20 +234,19 @@ def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[Re
 
 
 def _check_namespaces(
-    cfg: Config, urls: list[str], identity: Any, out: Callable[[str], None]
+    cfg: Config, eps: list[Any], identity: Any, out: Callable[[str], None]
 ) -> None:
     """Refuse (or with --replay-reset, delete) a replay this run cannot continue."""
     from replay_server.keys import ReplayKeys
     from replay_server.namespace import inspect_namespace, namespace_refusal, reset_namespace
     from replay_server.protocol import ReplayUnavailable
     from replay_server.records import RECORD_DTYPE, RECORDS_PER_CHUNK
-    from replay_server.redis_proc import connect, redact
+    from replay_server.redis_proc import redact
 
-    keys = ReplayKeys()
-    for url in urls:
-        shown = f"Redis at {redact(url)}"
+    for ep in eps:
+        keys, shown = ReplayKeys(ep.namespace), ep.where
         try:
-            client = connect(url)
+            client = ep.connect()
             try:
                 if cfg.replay.replay_reset:
                     n = reset_namespace(client, keys, shown)
@@ -261,7 +267,7 @@ def _check_namespaces(
         except ReplayUnavailable as exc:
             raise LaunchError(str(exc)) from None
         if problems:
-            raise LaunchError(namespace_refusal(redact(url), problems, keys.namespace))
+            raise LaunchError(namespace_refusal(redact(ep.url), problems, keys.namespace))
 
 
 @contextmanager
@@ -380,6 +386,7 @@ def _learner_threads(cfg: Config, out: Callable[[str], None]) -> None:
 def _run(
     cfg: Config,
     backend: ReplayBackend,
+    eps: list[Any],
     identity: Any,
     resume_state: dict | None,
     logdir: Path,
@@ -389,48 +396,57 @@ def _run(
     """Wire the roles together and train until told to stop. Returns the summary
     (with ``error`` set when a role could not go on)."""
 
-    from common.weights import WeightPublisher
-    from deploy.fleet import ActorFleet, ReplayFleet, start_weight_store
+    from deploy.monitor import RunMonitor
     from learner.learner import Learner
     from learner.loop import TrainLoop
     from learner.metrics import Metrics
-    from replay_server.loader import DataSource
-    from replay_server.rate_limiter import InsertBudget, ReplayRatio
-    from replay_server.redis_proc import connect, redact
+    from replay_server.rate_limiter import InsertBudget, ReplayRatio, ReplayRatioKeeper
     from replay_server.sampler import ReplaySampler
 
+    # Ray fleets, or the same classes in this process (--in-process, deploy.inprocess)
+    local = cfg.run.in_process
+    if local:
+        from deploy.inprocess import InlineData, LocalActors, LocalReplay, LocalWeights
+
+        out("[apex] in-process: actors, replay and learner in this process, without Ray")
+    else:
+        from common.weights import WeightPublisher
+        from deploy.fleet import ActorFleet, ReplayFleet, start_weight_store
+        from replay_server.loader import DataSource
+
     _learner_threads(cfg, out)
-    urls = backend.urls
-    store = start_weight_store()
-    replay = ReplayFleet(cfg, urls, capacity_per_shard(cfg), identity)
+    if local:
+        weights = LocalWeights()
+        replay: Any = LocalReplay(cfg, eps, capacity_per_shard(cfg), identity)
+    else:
+        store = start_weight_store()
+        replay = ReplayFleet(cfg, eps, capacity_per_shard(cfg), identity)
     learner = Learner(cfg, identity.num_actions, cfg.learner.device)
     out(f"[apex] learner: {learner.device}, {learner.dtype} ({learner.dtype_reason})")
     if resume_state is not None:
         learner.load_state_dict(resume_state)
     batch_size = cfg.batch_size(learner.device.type)
-    sampler = ReplaySampler(
-        replay.shards,
-        urls,
-        codec=cfg.replay.codec,
-        min_size=cfg.replay.min_replay,
-        samples_per_insert=cfg.replay.samples_per_insert,
-    )
-    data = DataSource(sampler, batch_size, cfg.replay.loader_workers, cfg.replay.prefetch)
-    budget = InsertBudget(
-        [connect(u) for u in urls],
-        [f"Redis at {redact(u)}" for u in urls],
-        ReplayRatio(cfg.replay.samples_per_insert, cfg.replay.min_replay),
-        batch_size,
-    )
-    metrics = Metrics(str(logdir / "tb"), use_ray=True)
+    ratio = ReplayRatio(cfg.replay.samples_per_insert, cfg.replay.min_replay)
+    keeper = ReplayRatioKeeper(ratio, budget=InsertBudget(eps, ratio, batch_size)).start()
+    sampler = ReplaySampler(replay.links, codec=cfg.replay.codec, ratio=keeper)
+    if local:
+        data: Any = InlineData(sampler, batch_size)
+    else:
+        data = DataSource(sampler, batch_size, cfg.replay.loader_workers, cfg.replay.prefetch)
+    metrics = Metrics(str(logdir / "tb"), use_ray=not local)
 
-    publisher = WeightPublisher(store)
-    publish = publisher.publish
-    publish(0, learner.get_weights())  # actors start from the learner's weights
-    publisher.wait()
     start_frames = int(((resume_state or {}).get("counters") or {}).get("frames", 0))
-    actors = ActorFleet(cfg, urls, start_frames=start_frames)
-    monitor = RunMonitor(actors, replay, backend, budget, data, stop)
+    if local:
+        publish = weights.publish
+        publish(0, learner.get_weights())  # actors start from the learner's weights
+        actors: Any = LocalActors(cfg, eps, weights, start_frames=start_frames)
+    else:
+        publisher = WeightPublisher(store)
+        publish = publisher.publish
+        publish(0, learner.get_weights())
+        publisher.wait()
+        actors = ActorFleet(cfg, eps, start_frames=start_frames)
+    monitor = RunMonitor(actors, replay, backend, data, stop)
     evaluation = _evaluation(cfg, logdir, metrics, identity.num_actions, out)
     loop = TrainLoop(
         cfg,
@@ -464,7 +480,7 @@ def _run(
         monitor.final()
         replay.stop()
         metrics.close()
-        budget.close()
+        keeper.close()
     summary.update(monitor.summary(), logdir=str(logdir))
     if evaluation is not None:
         summary.update(evaluation.summary())
@@ -490,132 +506,21 @@ def _final_evaluation(loop: Any, out: Callable[[str], None]) -> None:
 def _evaluation(
     cfg: Config, logdir: Path, metrics: Any, num_actions: int, out: Callable[[str], None]
 ) -> Any:
-    """`PeriodicEvaluation` on the ``apex-eval`` actor, or None when turned off."""
+    """`PeriodicEvaluation` on the ``apex-eval`` actor (in a thread with
+    ``--in-process``), or None when turned off."""
     if cfg.eval.eval_every_minutes <= 0:
         return None
-    from deploy.evaluation import RayEvalBackend
-    from learner.evaluator import PeriodicEvaluation
+    from learner.evaluator import Evaluator, PeriodicEvaluation, ThreadBackend
 
+    where = "a thread" if cfg.run.in_process else "apex-eval"
     out(
         f"[apex] evaluation: {cfg.eval.eval_episodes} episodes every "
-        f"{cfg.eval.eval_every_minutes:g} min on apex-eval -> {logdir / 'evals.jsonl'}"
+        f"{cfg.eval.eval_every_minutes:g} min on {where} -> {logdir / 'evals.jsonl'}"
     )
-    return PeriodicEvaluation(
-        cfg, logdir, RayEvalBackend(cfg, num_actions), metrics, cfg.env.env, num_actions, log=out
-    )
+    if cfg.run.in_process:
+        backend: Any = ThreadBackend(Evaluator(cfg, num_actions))
+    else:
+        from deploy.evaluation import RayEvalBackend
 
-
-class RunMonitor:
-    """What the training loop learns about the other roles, polled in the loop's
-    background thread (`learner.loop.TrainLoop` ``poll_external``): actor totals
-    and episodes, replay size and health, the insert budget; and what every fault
-    cost, for the summary.
-
-    A role that cannot run (`deploy.fleet.FleetError`) sets ``error`` and the
-    stop event: the loop ends cleanly and `train` reports it. ``data`` is the
-    learner's `DataSource`: its sampled rows feed the insert budget, and its own
-    wait for an unavailable replay (a dead shard actor included, which reports
-    no stats) goes into ``replay_unavailable_s``.
-    """
-
-    def __init__(
-        self,
-        actors: Any,
-        replay: Any,
-        backend: ReplayBackend,
-        budget: Any,
-        data: Any,
-        stop: threading.Event,
-    ) -> None:
-        self.actors, self.replay, self.backend = actors, replay, backend
-        self.budget, self.data, self._stop = budget, data, stop
-        self.error: BaseException | None = None
-        self.fleet: Any = None
-        self.shards: list[Any] = []
-
-    def poll(self) -> dict[str, Any]:
-        from deploy.fleet import FleetError
-
-        try:
-            self.fleet = self.actors.poll(timeout=1.0)
-            self.shards = [s for s in self.replay.stats() if s is not None]
-        except FleetError as exc:
-            if self.error is None:
-                self.error = exc
-                log.error("%s", exc)
-                self._stop.set()
-            raise
-        self.budget.update(self.data.sampler.stats()["sampled"])
-        f, shards = self.fleet, self.shards
-        down = [s.outage_s for s in shards if not s.available]
-        waiting = self.data.status().unavailable_s  # the learner's own view (a dead shard too)
-        if waiting is not None:
-            down.append(waiting)
-        return {
-            "frames": f.frames,
-            "transitions": f.transitions_pushed,
-            "episodes": f.episodes,
-            "epsilon_min": f.epsilon_min,
-            "epsilon_max": f.epsilon_max,
-            "actor_weight_versions": f.actor_weight_versions,
-            "replay_size": sum(s.size for s in shards),
-            "inserted": sum(s.inserted_total for s in shards),
-            "replay_bytes": sum(s.bytes_used for s in shards),
-            "replay_unavailable_s": max(down) if down else None,
-            **self._faults(),
-        }
-
-    def final(self) -> None:
-        """Last figures after the actors stopped and the shards drained."""
-        try:
-            self.shards = [s for s in self.replay.stats(timeout=5.0) if s is not None]
-        except Exception as exc:  # noqa: BLE001 - the summary uses the last figures
-            log.warning("final replay stats: %s", exc)
-        if self.fleet is not None:
-            self.fleet.actor_restarts = max(
-                self.fleet.actor_restarts, sum(a.restarts for a in self.actors.actors)
-            )
-
-    def _faults(self) -> dict[str, Any]:
-        """What faults cost in this run (replay counters as differences from its start)."""
-        shards = self.shards
-        base = {i: b for i, b in enumerate(self.replay.baseline()) if b is not None}
-
-        def delta(name: str) -> int:
-            return sum(
-                getattr(s, name) - getattr(base.get(i, s), name) for i, s in enumerate(shards)
-            )
-
-        f = self.fleet
-        dropped = f.transitions_dropped if f else 0
-        lost = delta("lost")
-        unaccounted = 0
-        if f is not None and len(base) == len(shards):
-            unaccounted = max(0, f.transitions_pushed - delta("received"))
-        return {
-            "replay_outages": delta("outages"),
-            "replay_outage_s": round(
-                sum(s.outage_s - base.get(i, s).outage_s for i, s in enumerate(shards)), 1
-            ),
-            "transitions_lost": dropped + lost + unaccounted,
-            "transitions_dropped_by_actors": dropped,
-            "transitions_lost_by_redis": lost + unaccounted,
-            "replay_resets": delta("resets"),
-            "transitions_lost_in_resets": delta("lost_in_resets"),
-            "orphan_frames_collected": delta("orphans_collected"),
-            "replay_rejected": delta("rejected"),
-            "replay_malformed": delta("malformed"),
-            "shard_restarts": self.replay.restarts,
-            "actor_restarts": f.actor_restarts if f else 0,
-            "redis_restarts": self.backend.restarts,
-        }
-
-    def summary(self) -> dict[str, Any]:
-        f, shards = self.fleet, self.shards
-        return {
-            "replay_size": sum(s.size for s in shards),
-            "replay_inserted": sum(s.inserted_total for s in shards),
-            "replay_bytes": sum(s.bytes_used for s in shards),
-            "actor_weight_versions": f.actor_weight_versions if f else [],
-            **self._faults(),
-        }
+        backend = RayEvalBackend(cfg, num_actions)
+    return PeriodicEvaluation(cfg, logdir, backend, metrics, cfg.env.env, num_actions, log=out)

@@ -200,7 +200,7 @@ class EvalBackend(Protocol):
 
 
 class ThreadBackend:
-    """An `Evaluator` in a thread of this process (the tests' backend)."""
+    """An `Evaluator` in a thread of this process (tests, ``train --in-process``)."""
 
     def __init__(self, evaluator: Evaluator):
         self.evaluator = evaluator

@@ -1,15 +1,16 @@
 """The training loop of the learner role: sample -> update -> priorities -> publish.
 
 `TrainLoop` only sees plain callables, so it runs the same in the tests (fed
-in-process) and in the driver wired to Ray actors and replay shards
-(`deploy.launcher`). There is no single-process entry point for users yet.
+in-process), in the driver wired to Ray actors and replay shards
+(`deploy.launcher`), and with ``apex-dqn train --in-process`` (`deploy.inprocess`:
+every role in one process, for pdb). Its two background threads (priority
+updates, polls of the other roles) are in `learner.background`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ import numpy as np
 
 from common.config import Config
 from common.types import SampleBatch
+from learner.background import Poller, PriorityWriter, RunStatus
 from learner.checkpoint import save_checkpoint
 from learner.learner import Learner
 from learner.metrics import Metrics, progress_line
@@ -44,119 +46,6 @@ class NonFiniteLoss(RuntimeError):
     and names the last good checkpoint, which is never overwritten."""
 
 
-class PriorityWriter:
-    """Background thread sending new priorities to the replay, so the next update
-    never waits for the replay's round trip. Pending updates are coalesced into one
-    ``update_priorities(keys, priorities)`` call, and calls are made one at a time
-    (each waits for the replay's answer), so the replay applies them in the order
-    the learner produced them. The queue holds at most ``max_pending`` updates
-    (the loop blocks beyond that: back-pressure instead of unbounded memory). A
-    failing call (the replay is restarting or unavailable) is logged and dropped:
-    priorities are hints, the transitions keep their old priority."""
-
-    def __init__(self, fn: Callable[[np.ndarray, np.ndarray], None], max_pending: int = 64):
-        self._fn = fn
-        self._q: queue.Queue[tuple[np.ndarray, np.ndarray] | None] = queue.Queue(max_pending)
-        self._thread = threading.Thread(target=self._run, name="apex-priorities", daemon=True)
-        self.calls = 0
-        self.failures = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, keys: np.ndarray, priorities: np.ndarray) -> None:
-        self._q.put((keys, priorities))
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every queued update has been sent, at most ``timeout`` seconds
-        (None: no limit); returns whether they were."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._q.all_tasks_done:
-            while self._q.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._q.all_tasks_done.wait(left)
-        return True
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Send what is queued (at most ``timeout`` seconds: a replay that does not
-        answer loses these hints, said in the log, rather than hanging the stop)."""
-        if not self.flush(timeout):
-            log_.warning("priority updates not sent within %g s: dropped", timeout)
-        try:
-            self._q.put(None, timeout=1.0)
-        except queue.Full:
-            pass  # the thread is stuck in a call; it is a daemon
-        self._thread.join(timeout=timeout)
-
-    def _run(self) -> None:
-        while True:
-            items = [self._q.get()]
-            while True:
-                try:
-                    items.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
-            live = [it for it in items if it is not None]
-            try:
-                if live:
-                    keys = np.concatenate([k for k, _ in live])
-                    prios = np.concatenate([p for _, p in live])
-                    self._fn(keys, prios)
-                    self.calls += 1
-            except Exception as exc:  # noqa: BLE001 - a replay hiccup must not stop training
-                self.failures += 1
-                if self.failures <= 3 or self.failures % 100 == 0:
-                    log_.warning("update_priorities failed (%d so far): %s", self.failures, exc)
-            finally:
-                for _ in items:
-                    self._q.task_done()
-            if len(live) < len(items):
-                return
-
-
-class _Poller:
-    """Background thread calling ``poll_external()`` every ``period`` seconds, so a
-    slow actor or replay answer never stalls an update. Keeps the newest answer and
-    accumulates the finished episodes of every answer until `take` collects them."""
-
-    def __init__(self, fn: Callable[[], dict], period: float):
-        self._fn, self._period = fn, period
-        self._lock = threading.Lock()
-        self._latest: dict[str, Any] = {}
-        self._episodes: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="apex-poll", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def poll_now(self) -> None:
-        try:
-            stats = dict(self._fn())
-        except Exception as exc:  # noqa: BLE001 - keep the last good answer
-            log_.warning("poll_external failed: %s", exc)
-            return
-        with self._lock:
-            self._episodes.extend((float(r), int(n)) for r, n in stats.pop("episodes", []))
-            self._latest = stats
-
-    def take(self) -> tuple[dict[str, Any], list[tuple[float, int]]]:
-        with self._lock:
-            episodes, self._episodes = self._episodes, []
-            return dict(self._latest), episodes
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.poll_now()
-            self._stop.wait(self._period)
-
-
 class TrainLoop:
     """Runs the learner until told to stop; see `run` for the steps.
 
@@ -173,15 +62,9 @@ class TrainLoop:
     publish:           ``(version, weights dict[str, float32 ndarray]) -> Any``; may
                        raise (logged, counted in ``publish_failures``; the next
                        period publishes again)
-    poll_external:     ``() -> dict`` with run totals from the actors and replay:
-                       ``frames``, ``transitions`` (this run's totals),
-                       ``episodes`` (list of (raw return, length) finished since the
-                       previous call), ``replay_size``, ``inserted``,
-                       ``epsilon_min``, ``epsilon_max``, ``replay_unavailable_s``
-                       (seconds the replay has been unavailable, None when it is
-                       fine) and the fault counters of ``_FAULT_METRICS``; missing
-                       keys are treated as 0 / unknown. Called from a background
-                       thread every ``poll_seconds``.
+    poll_external:     ``() -> RunStatus``: the actors' and the replay's state
+                       (`RunStatus`). Called from a background thread every
+                       ``poll_seconds``; a call that raises keeps the last answer.
     metrics:           `Metrics` sink (the loop does not close it)
     checkpoint_path:   ``checkpoint.pt``, the newest checkpoint, written every
                        ``checkpoint_minutes`` and at exit (atomic; the newest
@@ -204,7 +87,7 @@ class TrainLoop:
         sample: Callable[[float], SampleBatch | None],
         update_priorities: Callable[[np.ndarray, np.ndarray], None],
         publish: Callable[[int, dict], Any],
-        poll_external: Callable[[], dict],
+        poll_external: Callable[[], RunStatus],
         metrics: Metrics,
         checkpoint_path: str,
         counters: dict | None = None,
@@ -232,7 +115,7 @@ class TrainLoop:
         self.recent: deque[float] = deque(
             (float(r) for r in base.get("recent_returns", [])), maxlen=RECENT_EPISODES
         )
-        self.external: dict[str, Any] = {}
+        self.external = RunStatus()
         self.last_step: dict[str, Any] = {}
         self.published_at_update = learner.updates
         self.last_checkpoint: str | None = None
@@ -242,17 +125,17 @@ class TrainLoop:
         self.checkpoint_failures = 0  # checkpoint writes that failed (full disk, ...)
         self.publish_failures = 0  # weight publishes that failed (store restarting, ...)
         self._prio = PriorityWriter(update_priorities)
-        self._poller = _Poller(poll_external, poll_seconds)
+        self._poller = Poller(poll_external, poll_seconds)
 
     # ---- derived values -------------------------------------------------------
     @property
     def frames(self) -> int:
         """Env frames, resumed runs included."""
-        return self.base_frames + int(self.external.get("frames", 0))
+        return self.base_frames + int(self.external.frames)
 
     @property
     def transitions(self) -> int:
-        return self.base_transitions + int(self.external.get("transitions", 0))
+        return self.base_transitions + int(self.external.transitions)
 
     def beta(self) -> float:
         """Importance exponent: ``replay.beta`` -> 1 linearly over
@@ -416,16 +299,16 @@ class TrainLoop:
         return ""
 
     def _absorb(self) -> None:
-        stats, episodes = self._poller.take()
-        if stats:
-            self.external = stats
+        status, episodes = self._poller.take()
+        if status is not None:
+            self.external = status
         for ret, length in episodes:
             self.episodes += 1
             self.recent.append(ret)
             self.metrics.record({"episode_return": ret, "episode_length": length}, self.frames)
 
     def _inserted(self) -> int:
-        return int(self.external.get("inserted", 0))
+        return int(self.external.replay_inserted)
 
     def _publish(self, win: _Window) -> None:
         """Publish the newest weights as the next version. A failing publish (the
@@ -541,18 +424,18 @@ class TrainLoop:
         return {
             "env_frames": self.frames,
             "updates": self.learner.updates,
-            "replay_size": ext.get("replay_size"),
+            "replay_size": ext.replay_size,
             "mean_return": self.mean_return(),
             "recent_episodes": len(self.recent),
             "episodes": self.episodes,
             "weight_version": self.weight_version,
             "loss": self.last_step.get("loss"),
-            "epsilon_min": ext.get("epsilon_min"),
-            "epsilon_max": ext.get("epsilon_max"),
+            "epsilon_min": ext.epsilon_min,
+            "epsilon_max": ext.epsilon_max,
             "env_frames_per_s": self._last_rates.get("env_frames_per_s", 0.0),
             "updates_per_s": self._last_rates.get("updates_per_s", 0.0),
             "data_wait_fraction": self._last_rates.get("data_wait_fraction"),
-            "replay_unavailable_s": ext.get("replay_unavailable_s"),
+            "replay_unavailable_s": ext.replay_unavailable_s,
             **(self.evaluation.latest() if self.evaluation is not None else {}),
         }
 
@@ -577,12 +460,12 @@ class TrainLoop:
             "env_frames": self.frames,
             "updates": self.learner.updates,
             "episodes": self.episodes,
-            "replay_size": self.external.get("replay_size"),
-            "epsilon_min": self.external.get("epsilon_min"),
-            "epsilon_max": self.external.get("epsilon_max"),
+            "replay_size": self.external.replay_size,
+            "epsilon_min": self.external.epsilon_min,
+            "epsilon_max": self.external.epsilon_max,
             "episode_return_mean": self.mean_return(),
-            "replay_bytes": self.external.get("replay_bytes"),
-            **{k: self.external.get(k) for k in _FAULT_METRICS},
+            "replay_bytes": self.external.replay_bytes,
+            **{k: self.external.faults.get(k) for k in _FAULT_METRICS},
         }
         steps = self.learner.updates - win.updates
         if steps:
@@ -604,13 +487,3 @@ class _Window:
 
 
 _STEP_SCALARS = ("loss", "q_mean", "td_abs_mean", "grad_norm")
-# run totals a ``poll_external`` answer may carry, recorded as they come (absent: skipped)
-_EXTERNAL_TOTALS = (
-    "replay_bytes",
-    "actor_restarts",
-    "shard_restarts",
-    "replay_outages",
-    "replay_outage_s",
-    "transitions_lost",
-    "orphan_frames_collected",
-)

@@ -10,6 +10,9 @@ Who calls what (each line is a seam; see the classes named):
   in-process in tests), then frames from Redis directly;
 * the driver: ``shard.stats() -> ShardStats``.
 
+`Shard` is that contract as a Protocol; `replay_server.endpoints` pairs each
+shard with its Redis (`ShardLink`), once per run.
+
 Every Redis call on these paths goes through :func:`replay_errors`, which turns the
 errors that mean "the replay cannot be used right now" into
 :class:`ReplayUnavailable`: the server is unreachable, restarting or loading, or it
@@ -23,9 +26,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 import redis
+
+
+class Shard(Protocol):
+    """What the sampler and the driver call on a replay shard: a
+    `replay_server.shard.ReplayShard` in this process (tests, ``--in-process``) or
+    a `replay_server.remote.RemoteShard` over its Ray actor. Every method raises
+    `ReplayUnavailable` while the shard (or its Redis) cannot answer."""
+
+    def sample(self, batch_size: int) -> ShardSample:
+        """Up to ``batch_size`` rows drawn by priority (empty when nothing is stored)."""
+        ...
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> Any:
+        """New priorities of sampled slots (evicted ones are ignored)."""
+        ...
+
+    def remove(self, keys: np.ndarray) -> Any:
+        """Never sample these slots again (their frames are gone)."""
+        ...
+
+    def stats(self) -> ShardStats:
+        """Counters and health (`ShardStats`)."""
+        ...
 
 
 class ReplayUnavailable(ConnectionError):

@@ -14,6 +14,12 @@ Reverb's ``SampleToInsertRatio``, held from both sides with one formula
   paper's free-running actors: with few actors the learner is the bottleneck, and
   unthrottled actors would make the effective ratio depend on the machine.
 
+One object owns both: `ReplayRatioKeeper` (built once by the launcher, handed to
+`replay_server.sampler.ReplaySampler`). The sampler reserves rows from its
+limiter and reports delivered rows to it (`ReplayRatioKeeper.delivered`, where
+batches are delivered); its own thread writes the budgets from that count, so a
+Redis that is down never stalls delivery.
+
 ``R = 0`` disables both (only ``min_size`` holds). Whenever sampling opens
 (the first check with ``min_size`` stored, and again after a replay that lost
 its data has been refilled), the learner's ``sampled`` is credited as if it had
@@ -28,9 +34,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 
+from replay_server.endpoints import ShardEndpoint
 from replay_server.keys import ReplayKeys
 from replay_server.protocol import ReplayUnavailable, replay_errors
 
@@ -156,19 +164,24 @@ class InsertBudget:
     and then the ratio. (Keeping the old base would let writers push the whole
     lost history again unthrottled.)
 
-    clients: one connected ``redis.Redis`` per shard (`connect`), owned here.
+    shards: the run's `replay_server.endpoints.ShardEndpoint` s; one connection
+    to each is opened here (`ReplayUnavailable` when one cannot be reached) and
+    owned here.
     """
 
     def __init__(
-        self,
-        clients: Sequence[redis.Redis],
-        where: Sequence[str],
-        ratio: ReplayRatio,
-        batch_size: int,
-        namespace: str = "apex",
+        self, shards: Sequence[ShardEndpoint], ratio: ReplayRatio, batch_size: int
     ) -> None:
-        self.keys = ReplayKeys(namespace)
-        self.clients, self.where, self.ratio = list(clients), list(where), ratio
+        self.keys = ReplayKeys(shards[0].namespace)
+        self.clients: list[redis.Redis] = []
+        try:
+            for ep in shards:
+                self.clients.append(ep.connect())
+        except BaseException:
+            for c in self.clients:
+                c.close()
+            raise
+        self.where, self.ratio = [ep.where for ep in shards], ratio
         r = ratio.samples_per_insert
         self.tolerance = max(1000.0, 20 * batch_size / r) if r > 0 else 0.0
         n = len(self.clients)
@@ -220,3 +233,83 @@ class InsertBudget:
             except (redis.RedisError, OSError):
                 pass  # Redis already gone: nothing left to unblock
             client.close()
+
+
+class _Budget(Protocol):
+    def update(self, sampled: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class ReplayRatioKeeper:
+    """The one owner of the replay ratio: the learner side (``limiter``, a
+    `RateLimiter`) and the insert side (``budget``, an `InsertBudget`, or None
+    when no writers are throttled, as in tests and benches).
+
+    The sampler reserves and gives back rows on ``limiter`` and calls
+    :meth:`delivered` with every batch it delivers; that count drives the insert
+    budget. The budget is written by a daemon thread (`start`), woken by
+    deliveries and at most every ``interval`` s, so the data path never waits on
+    a Redis round trip (or on a Redis that is down).
+    """
+
+    def __init__(
+        self,
+        ratio: ReplayRatio,
+        tolerance: float | None = None,
+        budget: _Budget | None = None,
+        interval: float = 0.25,
+    ) -> None:
+        self.ratio = ratio
+        self.limiter = RateLimiter(ratio.min_size, ratio.samples_per_insert, tolerance)
+        self.budget = budget
+        self.interval = float(interval)
+        self.sampled = 0  # rows delivered to the learner
+        self.budget_updates = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def delivered(self, n: int) -> None:
+        """``n`` rows reached the learner (called where batches are delivered)."""
+        with self._lock:
+            self.sampled += int(n)
+        self._wake.set()
+
+    def start(self) -> ReplayRatioKeeper:
+        """Start writing the insert budget (no-op without one). Returns self."""
+        if self.budget is not None and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="insert-budget", daemon=True)
+            self._thread.start()
+        return self
+
+    def update_budget(self) -> None:
+        """Write the budget for the rows delivered so far (what the thread does)."""
+        if self.budget is not None:
+            with self._lock:
+                sampled = self.sampled
+            self.budget.update(sampled)
+            self.budget_updates += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)  # a periodic write too: a Redis back from an outage
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.update_budget()
+            except Exception:  # a bug: keep the ratio alive, say so
+                log.exception("insert budget update failed")
+            self._stop.wait(self.interval)
+
+    def close(self) -> None:
+        """Stop the thread and remove the budgets (writers are no longer held)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            self._thread = None
+        if self.budget is not None:
+            self.budget.close()

@@ -5,7 +5,7 @@ wrap each shard actor in a :class:`RemoteShard` before handing it over::
 
     Shard = ray.remote(ReplayShard).options(max_concurrency=8, max_restarts=-1)
     handle = Shard.remote(url, capacity_per_shard, alpha=alpha, codec=codec, autostart=True)
-    sampler = ReplaySampler([RemoteShard(handle)], [url], codec, ...)
+    sampler = ReplaySampler(pair([RemoteShard(handle)], endpoints([url])), codec, ...)
 
 A shard actor that is dead, restarting or not answering within ``timeout`` is an
 outage like a Redis that is down: every method raises `ReplayUnavailable` (the
@@ -13,7 +13,7 @@ caller backs off and retries, or drops a priority update; a restarted actor
 answers again through the same handle).
 
 ``update_priorities`` waits for the shard's answer: the learner calls it from its
-background `learner.loop.PriorityWriter` thread, one call at a time, so a shard
+background `learner.background.PriorityWriter` thread, one call at a time, so a shard
 applies priority updates in the order they were produced, and the writer's
 bounded queue is the back-pressure. (Fire-and-forget calls into a threaded
 actor could be applied out of order and could queue without bound.)

@@ -11,11 +11,11 @@ processes and ``sample`` runs in one thread::
     batch = sampler.sample(512, beta)         # the same, in this thread
     sampler.update_priorities(batch.keys, new_priorities)
 
-``shards[k]`` is anything with synchronous ``sample(batch_size) -> ShardSample``,
-``update_priorities(keys, priorities)`` and ``stats() -> ShardStats`` (a
-:class:`ReplayShard` in tests, a `RemoteShard` over a Ray actor in production);
-``urls[k]`` is the Redis of that shard, which frames are read from directly
-(`replay_server.frames`: one round trip of MGETs per shard per batch).
+The sampler takes the run's shards as `replay_server.endpoints.ShardLink` s: each
+shard (a `replay_server.protocol.Shard`: a :class:`ReplayShard` in this process,
+a `RemoteShard` over a Ray actor) with the endpoint of its Redis, which frames
+are read from directly (`replay_server.frames`: one round trip of MGETs per
+shard per batch).
 
 Why this differs from the paper: Ape-X samples one central replay; here a batch
 is split across shards by a multinomial draw with probabilities proportional
@@ -28,14 +28,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from common.types import FRAME_SHAPE, STACK, SampleBatch
+from replay_server.endpoints import ShardLink
 from replay_server.frames import FetchResult, FrameFetcher
-from replay_server.protocol import ReplayUnavailable, ShardSample
-from replay_server.rate_limiter import RateLimiter
+from replay_server.protocol import ReplayUnavailable, Shard, ShardSample
+from replay_server.rate_limiter import ReplayRatio, ReplayRatioKeeper
 from replay_server.records import SLOT_BITS
 
 SLOT_MASK = (1 << SLOT_BITS) - 1
@@ -141,41 +141,50 @@ class ReplaySampler:
 
     min_size: total stored transitions before the first batch.
     samples_per_insert / tolerance: see :class:`RateLimiter` (0 = unlimited).
+    ratio: the run's `ReplayRatioKeeper` (it then owns min_size, the ratio and the
+           tolerance, and hears of every delivered batch); None = one of its own
+           from the three arguments above, with no insert budget.
     wait_timeout: seconds :meth:`draw` waits for the limiter before returning None.
     malloc_tuning: call :func:`tune_malloc` (process-wide; see there why).
     """
 
     def __init__(
         self,
-        shards: Sequence[Any],
-        urls: Sequence[str],
+        links: Sequence[ShardLink],
         codec: str = "lz4",
         min_size: int = 1,
         samples_per_insert: float = 0.0,
         tolerance: float | None = None,
         wait_timeout: float = 1.0,
-        namespace: str = "apex",
         seed: int | None = None,
         malloc_tuning: bool = True,
+        ratio: ReplayRatioKeeper | None = None,
     ) -> None:
-        if len(shards) != len(urls) or not shards:
-            raise ValueError(
-                f"need one Redis URL per shard, got {len(shards)} shards, {len(urls)} urls"
-            )
-        if len(shards) >= 1 << (63 - SLOT_BITS):
+        if not links:
+            raise ValueError("a sampler needs at least one shard")
+        if len(links) >= 1 << (63 - SLOT_BITS):
             raise ValueError(f"at most {1 << (63 - SLOT_BITS)} shards")
+        if [link.endpoint.index for link in links] != list(range(len(links))):
+            raise ValueError("links must be shard 0, 1, ... in order (replay_server.endpoints)")
+        spaces = {link.endpoint.namespace for link in links}
+        if len(spaces) != 1:
+            raise ValueError(f"shards in several namespaces: {sorted(spaces)}")
         if malloc_tuning:
             tune_malloc()
-        self.shards = list(shards)
-        self.urls = list(urls)
-        self.namespace = namespace
+        self.links = list(links)
+        self.shards: list[Shard] = [link.shard for link in links]
+        self.urls = [link.endpoint.url for link in links]
+        self.namespace = spaces.pop()
         self.codec_name = codec
-        self.limiter = RateLimiter(min_size, samples_per_insert, tolerance)
+        if ratio is None:
+            ratio = ReplayRatioKeeper(ReplayRatio(samples_per_insert, min_size), tolerance)
+        self.ratio = ratio
+        self.limiter = ratio.limiter
         self.wait_timeout = float(wait_timeout)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._local = threading.local()  # one FrameFetcher per thread for `sample`
-        k = len(shards)
+        k = len(links)
         self._totals = np.zeros(k)
         self._sizes = np.zeros(k, np.int64)
         self._inserted = np.zeros(k, np.int64)
@@ -248,6 +257,7 @@ class ReplaySampler:
             obs[:b] = obs[:n][ok]
             next_obs[:b] = next_obs[:n][ok]
         self.limiter.release(draw.reserved - b)
+        self.ratio.delivered(b)
         with self._lock:
             self.sampled += b
             self.dropped_rows += n - b

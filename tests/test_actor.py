@@ -23,6 +23,7 @@ from common.catch import CELL_H, PAD, ROWS
 from common.config import Config
 from common.types import COUNTER_BITS
 from common.wire import FrameCodec, decode_batch
+from replay_server.endpoints import endpoints
 from replay_server.keys import ReplayKeys
 from replay_server.redis_proc import EmbeddedRedis
 
@@ -348,7 +349,7 @@ def test_fleet_restart_after_kill_continues_the_decaying_schedule(ray_local, red
     cfg = linear_cfg(decay=100_000)
     cfg.actor.actors = 1
     store = start_weight_store()
-    fleet = ActorFleet(cfg, [redis_url], start_frames=1000)
+    fleet = ActorFleet(cfg, endpoints([redis_url]), start_frames=1000)
     try:
         deadline = time.monotonic() + 60
         while fleet.poll(timeout=2.0).frames < 200:
@@ -390,7 +391,7 @@ def test_an_actor_that_cannot_start_stops_the_fleet_with_its_error(ray_local, re
     cfg.actor.actors = 1
     cfg.env.env = "NoSuchGame-v0"  # the launcher refuses it first; here the actor meets it
     store = start_weight_store()
-    fleet = ActorFleet(cfg, [redis_url])
+    fleet = ActorFleet(cfg, endpoints([redis_url]))
     try:
         deadline = time.monotonic() + 60
         with pytest.raises(

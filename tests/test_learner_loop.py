@@ -12,6 +12,7 @@ from common.config import Config
 from common.env import make_vector_env
 from common.stacking import FrameStack
 from common.types import SampleBatch
+from learner.background import RunStatus
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
 from learner.loop import TrainLoop
@@ -86,19 +87,19 @@ class Harness:
     def publish(self, version: int, weights: dict) -> None:
         self.published.append((version, weights))
 
-    def poll(self) -> dict:
+    def poll(self) -> RunStatus:
         with self.lock:
             self.polls += 1
             eps = [(float(r), int(n)) for r, n in self.data["episodes"][:2]]
-            return {
-                "frames": self.polls * FRAMES_PER_POLL,
-                "transitions": self.polls * 100,
-                "episodes": eps,
-                "replay_size": self.n,
-                "inserted": self.polls * 100,
-                "epsilon_min": 0.0002,
-                "epsilon_max": 0.4,
-            }
+            return RunStatus(
+                frames=self.polls * FRAMES_PER_POLL,
+                transitions=self.polls * 100,
+                episodes=eps,
+                replay_size=self.n,
+                replay_inserted=self.polls * 100,
+                epsilon_min=0.0002,
+                epsilon_max=0.4,
+            )
 
 
 def make_cfg(tmp_path, max_seconds: float) -> Config:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from replay_server.endpoints import endpoints, pair
 from replay_server.loader import DataSource
 from replay_server.protocol import ReplayUnavailable
 from replay_server.redis_proc import EmbeddedRedis
@@ -30,7 +31,7 @@ def test_redis_killed_and_restarted_under_the_loader(tmp_path, make_pong_actor, 
     try:
         rec: dict = {}
         shard = filled_shard(server.url, make_pong_actor, pong_frames, pushes=2, record=rec)
-        sampler = ReplaySampler([shard], [server.url], min_size=1, seed=0)
+        sampler = ReplaySampler(pair([shard], endpoints([server.url])), min_size=1, seed=0)
         with DataSource(sampler, batch_size=32, workers=2, prefetch=1, timeout=0.5) as data:
             assert wait_for(lambda: data.sample(0.4), 30, "a first batch") is not None
             server.kill()  # SIGKILL: acknowledged writes are in the AOF already
@@ -70,7 +71,7 @@ def test_shard_actor_killed_under_the_sampler(ray_local, redis_url, make_pong_ac
     shard = RemoteShard(handle, timeout=10.0)
     wait_for(lambda: shard.stats().size >= 100, 30, "the shard to ingest")
     pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
-    sampler = ReplaySampler([shard], [redis_url], min_size=100, seed=0)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=100, seed=0)
     try:
         with DataSource(sampler, batch_size=32, workers=1, prefetch=1, timeout=0.5) as data:
             assert wait_for(lambda: data.sample(0.4), 30, "a first batch") is not None

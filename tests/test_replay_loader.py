@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from common.types import TransitionBatch
+from replay_server.endpoints import endpoints, pair
 from replay_server.frames import FrameFetcher
 from replay_server.keys import ReplayKeys
 from replay_server.loader import DataSource
@@ -51,7 +52,7 @@ def test_begun_fetches_finish_in_order_with_the_right_frames(
     """Two batches in flight on one connection (what a loader process does)."""
     rec: dict = {}
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, record=rec)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=3)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=1, seed=3)
     fetcher = FrameFetcher([redis_url])
     draws = [sampler.draw(40) for _ in range(2)]
     frames = [np.zeros((2 * 40 * 4, 84, 84), np.uint8) for _ in draws]
@@ -71,7 +72,7 @@ def test_loader_processes_deliver_the_replays_frames(redis_url, make_pong_actor,
         filled_shard(url, make_pong_actor, pong_frames, pushes=3, seed=k, record=recs[k])
         for k, url in enumerate(urls)
     ]
-    sampler = ReplaySampler(shards, urls, min_size=1, seed=0)
+    sampler = ReplaySampler(pair(shards, endpoints(urls)), min_size=1, seed=0)
     with DataSource(sampler, batch_size=96, workers=2, prefetch=2, timeout=30) as data:
         seen = np.zeros(2, int)
         for i in range(6):
@@ -98,7 +99,7 @@ def test_loader_processes_deliver_the_replays_frames(redis_url, make_pong_actor,
 
 def test_a_held_batch_is_never_overwritten(redis_url, make_pong_actor, pong_frames):
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=1)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=1, seed=1)
     with DataSource(sampler, batch_size=32, workers=1, prefetch=1, timeout=30) as data:
         slots = data.loader.ring.layout.slots
         held = data.sample(0.4)
@@ -114,7 +115,7 @@ def test_a_held_batch_is_never_overwritten(redis_url, make_pong_actor, pong_fram
 
 def test_a_killed_loader_process_is_restarted(redis_url, make_pong_actor, pong_frames):
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=2)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=1, seed=2)
     with DataSource(sampler, batch_size=32, workers=1, prefetch=1, timeout=30) as data:
         assert data.sample(0.4) is not None
         proc = data.loader.procs[0].proc
@@ -133,7 +134,7 @@ def test_a_non_outage_error_surfaces(redis_url, redis_server, make_pong_actor, p
     admin.execute_command("ACL", "SETUSER", "nomget", "on", ">pw", "~*", "+@all", "-mget")
     try:
         url = f"redis://nomget:pw@127.0.0.1:{redis_server.port}/0"
-        sampler = ReplaySampler([shard], [url], min_size=1)
+        sampler = ReplaySampler(pair([shard], endpoints([url])), min_size=1)
         with DataSource(sampler, batch_size=16, workers=1, prefetch=1, timeout=10) as data:
             with pytest.raises(RuntimeError, match="NOPERM|permission"):
                 for _ in range(3):

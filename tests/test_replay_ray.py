@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from replay_server.endpoints import endpoints, pair
 from replay_server.remote import RemoteShard
 from replay_server.sampler import SLOT_MASK, ReplaySampler
 from replay_server.shard import ReplayShard
@@ -22,7 +23,7 @@ def test_shard_as_ray_actor_feeds_the_sampler(ray_local, redis_url, pong_frames,
         fids, frames, batch = actor.push(10)
         writer.push(fids, frames, batch, 0, 0)
     shard = RemoteShard(handle)
-    sampler = ReplaySampler([shard], [redis_url], min_size=100, wait_timeout=10.0)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=100, wait_timeout=10.0)
     batch = sampler.sample(64, 0.4)  # waits for the actor's ingest thread
     assert batch is not None and len(batch) == 64
     batch.validate()

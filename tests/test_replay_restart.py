@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from replay_server.endpoints import endpoints, pair
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.sampler import SLOT_MASK, ReplaySampler
 from replay_server.shard import ReplayShard
@@ -84,7 +85,7 @@ def test_restart_after_kill_9_finds_transitions_and_priorities(tmp_path):
         np.testing.assert_array_equal(got[~late], np.array(before["prios"])[~late])
         assert (got[late] != 1000.0).all()  # after the last snapshot: not kept (documented)
         # Frames are all there: a full batch, every row kept, stacks decodable.
-        sampler = ReplaySampler([shard], [server.url], min_size=1, seed=0)
+        sampler = ReplaySampler(pair([shard], endpoints([server.url])), min_size=1, seed=0)
         batch = sampler.sample(256, 0.4)
         assert len(batch) == 256 and sampler.stats()["dropped_rows"] == 0
         assert set((batch.keys & SLOT_MASK).tolist()) <= set(before["keys"])

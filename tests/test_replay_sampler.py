@@ -10,6 +10,7 @@ import numpy as np
 import redis
 
 from common.types import TransitionBatch
+from replay_server.endpoints import endpoints, pair
 from replay_server.keys import ReplayKeys
 from replay_server.rate_limiter import RateLimiter
 from replay_server.records import SLOT_BITS
@@ -55,7 +56,7 @@ def test_importance_weights_on_known_priorities(redis_url, make_pong_actor, pong
     n = shard.stats().size
     prios = (np.arange(n) % 7 + 1).astype(np.float32)
     shard.update_priorities(np.arange(n), prios)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=1, seed=0)
     batch = sampler.sample(128, beta)
     slots = batch.keys & SLOT_MASK
     p = prios[slots].astype(np.float64) ** alpha / (prios.astype(np.float64) ** alpha).sum()
@@ -75,7 +76,7 @@ def test_two_shards_are_sampled_in_proportion_to_total_priority(
     na, nb = a.stats().size, b.stats().size
     a.update_priorities(np.arange(na), np.full(na, 1.0))
     b.update_priorities(np.arange(nb), np.full(nb, 3.0 * na / nb))  # total_b = 3 * total_a
-    sampler = ReplaySampler([a, b], [redis_url, url_b], min_size=1, seed=0)
+    sampler = ReplaySampler(pair([a, b], endpoints([redis_url, url_b])), min_size=1, seed=0)
     counts = np.zeros(2)
     for _ in range(40):
         batch = sampler.sample(100, beta=1.0)
@@ -100,7 +101,7 @@ def test_rows_whose_frames_vanished_are_dropped(redis_url, make_pong_actor, pong
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=2, record=rec)
     intact = delete_early_frames(redis_url, TransitionBatch.concat(rec["batches"]))
     assert 0 < intact.sum() < len(intact)
-    sampler = ReplaySampler([shard], [redis_url], min_size=1, seed=0)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=1, seed=0)
     batch = sampler.sample(200, 0.4)
     assert batch is not None and 0 < len(batch) < 200
     batch.validate()
@@ -149,8 +150,7 @@ def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, 
     for t in writers:
         t.start()
     sampler = ReplaySampler(
-        [shard],
-        [redis_url],
+        pair([shard], endpoints([redis_url])),
         min_size=min_size,
         samples_per_insert=spi,
         tolerance=tol,
@@ -189,9 +189,11 @@ def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, 
 def test_min_size_gates_sampling(redis_url, make_pong_actor, pong_frames):
     shard = filled_shard(redis_url, make_pong_actor, pong_frames, pushes=1)
     n = shard.stats().size
-    sampler = ReplaySampler([shard], [redis_url], min_size=n + 1, wait_timeout=0.1)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), min_size=n + 1, wait_timeout=0.1)
     assert sampler.sample(8, 0.4) is None
-    assert ReplaySampler([shard], [redis_url], min_size=n).sample(8, 0.4) is not None
+    assert (
+        ReplaySampler(pair([shard], endpoints([redis_url])), min_size=n).sample(8, 0.4) is not None
+    )
 
 
 def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
@@ -210,7 +212,7 @@ def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
     # Shard 0 loses frames: its rows drop while shard 1's rows follow in the batch.
     intact = delete_early_frames(urls[0], pushed[0])
 
-    sampler = ReplaySampler(shards, urls, min_size=1, seed=0)
+    sampler = ReplaySampler(pair(shards, endpoints(urls)), min_size=1, seed=0)
     seen = np.zeros(2, int)
     sizes = []
     for _ in range(4):

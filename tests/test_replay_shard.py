@@ -9,6 +9,7 @@ import redis
 
 from common.types import TransitionBatch, make_frame_id
 from common.wire import FrameCodec, encode_batch
+from replay_server.endpoints import endpoints, pair
 from replay_server.keys import ReplayKeys
 from replay_server.redis_proc import EmbeddedRedis, ReplayUnavailable, connect
 from replay_server.sampler import ReplaySampler
@@ -87,7 +88,7 @@ def test_frames_stored_once_and_stacks_rebuilt_exactly(redis_url, make_pong_acto
         sizes = [client.strlen(k) for k in list(stored)[:200]]
         assert np.mean(sizes) < 200  # a dictionary beats plain lz4 (~265 B) on Pong
     # Rebuilt stacks equal the pushed ones, slot by slot.
-    sampler = ReplaySampler([shard], [redis_url], codec, min_size=1, seed=0)
+    sampler = ReplaySampler(pair([shard], endpoints([redis_url])), codec, min_size=1, seed=0)
     batch = sampler.sample(256, beta=0.4)
     batch.validate()
     slots = batch.keys & ((1 << 56) - 1)

@@ -1,0 +1,131 @@
+"""What the training loop learns about the other roles: `RunMonitor`.
+
+``backend`` is the launcher's `deploy.launcher.ReplayBackend` (Redis restarts).
+Polled in the loop's background thread (`learner.loop.TrainLoop`
+``poll_external``); the same code watches the Ray fleets (`deploy.fleet`) and
+the in-process ones (`deploy.inprocess`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from learner.background import RunStatus
+
+log = logging.getLogger(__name__)
+
+
+class RunMonitor:
+    """What the training loop learns about the other roles, polled in the loop's
+    background thread (`learner.loop.TrainLoop` ``poll_external``): actor totals
+    and episodes, replay size and health; and what every fault cost, for the
+    summary. (It does not pace anything: the replay ratio is the sampler's
+    `ReplayRatioKeeper`.)
+
+    A role that cannot run (`deploy.fleet.FleetError`) sets ``error`` and the
+    stop event: the loop ends cleanly and `train` reports it. ``data`` is the
+    learner's `DataSource`: its own wait for an unavailable replay (a dead shard
+    actor included, which reports no stats) goes into ``replay_unavailable_s``.
+    """
+
+    def __init__(
+        self,
+        actors: Any,
+        replay: Any,
+        backend: Any,
+        data: Any,
+        stop: threading.Event,
+    ) -> None:
+        self.actors, self.replay, self.backend = actors, replay, backend
+        self.data, self._stop = data, stop
+        self.error: BaseException | None = None
+        self.fleet: Any = None
+        self.shards: list[Any] = []
+
+    def poll(self) -> RunStatus:
+        from deploy.fleet import FleetError
+
+        try:
+            self.fleet = self.actors.poll(timeout=1.0)
+            self.shards = [s for s in self.replay.stats() if s is not None]
+        except FleetError as exc:
+            if self.error is None:
+                self.error = exc
+                log.error("%s", exc)
+                self._stop.set()
+            raise
+        f, shards = self.fleet, self.shards
+        down = [s.outage_s for s in shards if not s.available]
+        waiting = self.data.status().unavailable_s  # the learner's own view (a dead shard too)
+        if waiting is not None:
+            down.append(waiting)
+        return RunStatus(
+            frames=f.frames,
+            transitions=f.transitions_pushed,
+            episodes=f.episodes,
+            epsilon_min=f.epsilon_min,
+            epsilon_max=f.epsilon_max,
+            actor_weight_versions=f.actor_weight_versions,
+            replay_size=sum(s.size for s in shards),
+            replay_inserted=sum(s.inserted_total for s in shards),
+            replay_bytes=sum(s.bytes_used for s in shards),
+            replay_unavailable_s=max(down) if down else None,
+            faults=self._faults(),
+        )
+
+    def final(self) -> None:
+        """Last figures after the actors stopped and the shards drained."""
+        try:
+            self.shards = [s for s in self.replay.stats(timeout=5.0) if s is not None]
+        except Exception as exc:  # noqa: BLE001 - the summary uses the last figures
+            log.warning("final replay stats: %s", exc)
+        if self.fleet is not None:
+            self.fleet.actor_restarts = max(
+                self.fleet.actor_restarts, sum(a.restarts for a in self.actors.actors)
+            )
+
+    def _faults(self) -> dict[str, Any]:
+        """What faults cost in this run (replay counters as differences from its start)."""
+        shards = self.shards
+        base = {i: b for i, b in enumerate(self.replay.baseline()) if b is not None}
+
+        def delta(name: str) -> int:
+            return sum(
+                getattr(s, name) - getattr(base.get(i, s), name) for i, s in enumerate(shards)
+            )
+
+        f = self.fleet
+        dropped = f.transitions_dropped if f else 0
+        lost = delta("lost")
+        unaccounted = 0
+        if f is not None and len(base) == len(shards):
+            unaccounted = max(0, f.transitions_pushed - delta("received"))
+        return {
+            "replay_outages": delta("outages"),
+            "replay_outage_s": round(
+                sum(s.outage_s - base.get(i, s).outage_s for i, s in enumerate(shards)), 1
+            ),
+            "transitions_lost": dropped + lost + unaccounted,
+            "transitions_dropped_by_actors": dropped,
+            "transitions_lost_by_redis": lost + unaccounted,
+            "replay_resets": delta("resets"),
+            "transitions_lost_in_resets": delta("lost_in_resets"),
+            "orphan_frames_collected": delta("orphans_collected"),
+            "replay_rejected": delta("rejected"),
+            "replay_malformed": delta("malformed"),
+            "shard_restarts": self.replay.restarts,
+            "actor_restarts": f.actor_restarts if f else 0,
+            "redis_restarts": self.backend.restarts,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        f, shards = self.fleet, self.shards
+        return {
+            "replay_size": sum(s.size for s in shards),
+            "replay_inserted": sum(s.inserted_total for s in shards),
+            "replay_bytes": sum(s.bytes_used for s in shards),
+            "actor_weight_versions": f.actor_weight_versions if f else [],
+            **self._faults(),
+        }

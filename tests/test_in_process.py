@@ -1,0 +1,81 @@
+"""``apex-dqn train --in-process``: actor, replay shard and learner in one process,
+without Ray, over a real embedded redis-server, real ALE and CPU torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from common.config import Config, ConfigError
+from tests.test_train_e2e import cli, no_stray_processes
+
+CATCH = (
+    *("train", "--in-process", "--env", "ApexCatch-v0", "--actors", "1"),
+    *("--envs-per-actor", "8", "--batch-size", "32", "--capacity", "20000"),
+    *("--samples-per-insert", "4", "--target-update", "250", "--publish-seconds", "1"),
+)
+
+
+def ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "raylet" in ln or "gcs_server" in ln]
+
+
+def test_a_step_bound_run_without_ray(tmp_path):
+    """200 updates: weights go from the learner to the actor and transitions from
+    the actor through Redis to the learner, all in one process (no Ray started)."""
+    ray_before = ray_processes()
+    logdir = tmp_path / "catch"
+    res = cli(
+        *CATCH,
+        *("--min-replay", "500", "--max-updates", "200", "--max-seconds", "300"),
+        *("--eval-every-minutes", "0", "--log-every", "5"),
+        *("--logdir", str(logdir), "--summary-json", str(tmp_path / "summary.json")),
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[apex] in-process: actors, replay and learner in this process" in res.stdout
+    assert "Ray dashboard" not in res.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_updates=200 reached" and summary["updates"] == 200
+    assert summary["replay_inserted"] >= 500 and summary["replay_size"] > 0
+    assert summary["frames"] > 0 and summary["episodes"] > 0
+    assert min(summary["actor_weight_versions"]) >= 1  # the actor took published weights
+    assert summary["transitions_lost"] == 0
+    assert (logdir / "checkpoint.pt").is_file()
+    assert ray_processes() == ray_before
+    assert not no_stray_processes(logdir)
+
+
+def test_in_process_and_a_ray_address_are_refused():
+    cfg = Config()
+    cfg.run.in_process, cfg.run.ray_address = True, "auto"
+    with pytest.raises(ConfigError, match="--in-process and --ray-address"):
+        cfg.validate()
+
+
+@pytest.mark.e2e
+def test_catch_learns_in_process(tmp_path):
+    """The same learning bar as the Ray pipeline (tests/test_train_e2e.py): Catch
+    to a mean >= 0.8 within 3,000 updates, here with the small torso."""
+    logdir = tmp_path / "catch"
+    res = cli(
+        *CATCH,
+        *("--network", "small", "--double", "--min-replay", "1000"),
+        *("--max-updates", "3000", "--max-seconds", "400", "--eval-every-minutes", "0"),
+        *("--logdir", str(logdir), "--summary-json", str(tmp_path / "summary.json")),
+        timeout=460,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["updates"] == 3000
+    ev = cli(
+        *("evaluate", summary["checkpoint"], "--episodes", "100", "--epsilon", "0.01"),
+        *("--json", str(tmp_path / "eval.json")),
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["mean"] >= 0.8, (scores["mean"], summary)
