@@ -6,7 +6,11 @@
   durability statement of this project: a kill -9 of the server loses nothing it
   acknowledged, unless a slow disk made it postpone its AOF write, then up to
   ~2 s of writes; a crash of the machine loses up to ~1-2 s), no RDB snapshots
-  (they fork and double memory);
+  (they fork and copy the whole dataset to disk every few minutes); the AOF is
+  rewritten (one fork) only when it has doubled since the last rewrite and holds
+  at least ``maxmemory``, which bounds it on disk to a few times the replay; a
+  start waits for the AOF to load for 20 s plus its size at 50 MiB/s
+  (`EmbeddedRedis.start_timeout`);
 * memory: ``maxmemory`` (sized by the caller from the replay's capacity) with
   ``noeviction``: a full Redis refuses writes with ``OOM``, which the replay
   treats as an outage, instead of growing until the kernel kills something;
@@ -47,6 +51,7 @@ from pathlib import Path
 
 import redis
 
+from common.locks import DirLock
 from common.redact import redact_url, scrub, url_secrets
 from replay_server.protocol import ReplayUnavailable
 
@@ -60,6 +65,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 20.0  # a start with an empty data directory
+# The slowest AOF load a start waits for: 310 MiB/s was measured warm on the 2-core
+# dev machine; a cold disk or a busy machine is several times slower.
+AOF_LOAD_MIN_BYTES_PER_S = 50 * 2**20
 
 # ``apex`` may run everything but Redis's dangerous commands (INFO is dangerous in
 # Redis's own categories, but read-only and what memory figures need).
@@ -191,7 +201,7 @@ class EmbeddedRedis:
         port: int = 0,
         password: str | None = None,
         appendonly: bool = True,
-        start_timeout: float = 20.0,
+        start_timeout: float | None = None,
         host: str = "127.0.0.1",
         maxmemory: int = 0,
         namespace: str = "apex",
@@ -206,7 +216,9 @@ class EmbeddedRedis:
         self._admin_password = secrets.token_hex(16)
         self.binary = find_redis_server()
         self.maxmemory = int(maxmemory)
-        self.start_timeout = start_timeout
+        self._fixed_timeout = start_timeout
+        # one server per data directory: two would append to one AOF
+        self._lock = DirLock(self.data_dir, "the replay data directory")
         self.restarts = 0
         self._config = (
             "\n".join(
@@ -220,6 +232,12 @@ class EmbeddedRedis:
                     "appendfsync everysec",
                     'appendfilename "appendonly.aof"',
                     "aof-load-truncated yes",
+                    # AOF rewrites (a fork; copy-on-write, so memory grows only by
+                    # the pages written meanwhile) when the AOF has doubled since the
+                    # last one and holds at least the replay's memory: a replay that
+                    # evicts would otherwise grow its AOF without bound
+                    "auto-aof-rewrite-percentage 100",
+                    f"auto-aof-rewrite-min-size {max(64 << 20, self.maxmemory)}",
                     f"maxmemory {self.maxmemory}",
                     "maxmemory-policy noeviction",
                     "protected-mode yes",
@@ -237,6 +255,7 @@ class EmbeddedRedis:
         self._start()
 
     def _start(self) -> None:
+        self._lock.acquire()  # `InUse` when another process serves this directory
         self.process = subprocess.Popen(
             [self.binary, "-"],  # the configuration comes on stdin: no file, no argv
             stdin=subprocess.PIPE,
@@ -248,7 +267,7 @@ class EmbeddedRedis:
         try:
             self.process.stdin.write(self._config.encode())
             self.process.stdin.close()
-            self._wait_ready(self.start_timeout)
+            self._wait_ready(self.start_timeout())
         except BaseException:
             self.kill()
             raise
@@ -270,6 +289,25 @@ class EmbeddedRedis:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def aof_bytes(self) -> int:
+        """Bytes of append-only files in the data directory (what a start loads)."""
+        total = 0
+        for path in Path(self.data_dir).rglob("appendonly*"):
+            try:
+                if path.is_file():
+                    total += path.stat().st_size
+            except OSError:
+                continue
+        return total
+
+    def start_timeout(self) -> float:
+        """Seconds a start may take: the given ``start_timeout``, else 20 s plus the
+        AOF at `AOF_LOAD_MIN_BYTES_PER_S` (a large replay loads for minutes, and
+        killing it half-loaded only starts the load again)."""
+        if self._fixed_timeout is not None:
+            return self._fixed_timeout
+        return START_TIMEOUT_S + self.aof_bytes() / AOF_LOAD_MIN_BYTES_PER_S
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -301,7 +339,12 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             client.close()
-        raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout}s: {last}")
+        raise TimeoutError(
+            f"{os.path.basename(self.binary)} on port {self.port} was not ready after "
+            f"{timeout:.0f} s (its AOF: {self.aof_bytes() / 2**20:.0f} MiB in {self.data_dir}; "
+            f"last answer: {last}); a slow disk loads slower than "
+            f"{AOF_LOAD_MIN_BYTES_PER_S / 2**20:.0f} MiB/s: see its redis.log"
+        )
 
     def restart(self) -> None:
         """Start the server again (same port, data, passwords) after it died."""
@@ -322,15 +365,18 @@ class EmbeddedRedis:
                 self.kill()
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
+        self._lock.release()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
     def kill(self) -> None:
-        """SIGKILL the server (no flush): what a crash looks like."""
+        """SIGKILL the server (no flush) and let go of its data directory: what a
+        crash of the server and its driver looks like (`restart` takes it again)."""
         if self.alive:
             self.process.kill()
             self.process.wait()
+        self._lock.release()
 
     def __enter__(self) -> EmbeddedRedis:
         return self

@@ -112,3 +112,30 @@ def test_supervisor_restarts_a_killed_server_with_its_data(tmp_path):
     finally:
         sup.stop()
         srv.stop()
+
+
+def test_the_start_deadline_scales_with_the_aof(tmp_path):
+    """A large replay gets the time to load its AOF (20 s + its size at 50 MiB/s),
+    instead of being killed half-loaded and started again forever."""
+    with EmbeddedRedis(str(tmp_path / "redis")) as srv:
+        base = srv.start_timeout()
+        assert 20.0 <= base < 21.0  # an empty replay
+        with open(os.path.join(srv.data_dir, "appendonlydir", "appendonly-big.aof"), "wb") as f:
+            f.truncate(500 << 20)  # sparse: 500 MiB of apparent size, no disk used
+        assert srv.start_timeout() == pytest.approx(base + 10.0, abs=0.1)
+
+
+def test_a_replay_that_cannot_load_is_a_clear_error(tmp_path, capsys):
+    """An AOF that redis-server refuses: `train` stops with exit 2 and says which
+    shard and where, without a traceback."""
+    from deploy.cli import main
+
+    logdir = tmp_path / "run"
+    aof = logdir / "redis" / "shard-0" / "appendonlydir"
+    aof.mkdir(parents=True)
+    (aof / "appendonly.aof.manifest").write_text("not a manifest\n")
+    code = main(["train", "--env", "ApexCatch-v0", "--logdir", str(logdir), "--max-updates", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "the embedded replay of shard 0" in err and "did not start" in err
+    assert "Traceback" not in err
