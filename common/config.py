@@ -375,6 +375,12 @@ class RunConfig:
         "Bounds a run by work, not time: the same run on a slow or a busy machine",
         bound=Bound(0, 10**12, "learner updates", special=((0, "no limit"),)),
     )
+    max_outage_minutes: float = _f(
+        30.0,
+        "stop the run (exit 1, the checkpoint written) when the replay has been "
+        "unavailable this long without a break; 0 = wait forever",
+        bound=Bound(0.1, 10_080, "minutes, at most a week", special=((0, "wait forever"),)),
+    )
     resume: str = _f(
         "",
         "checkpoint to continue from: its run's settings, logdir and replay, counters, "

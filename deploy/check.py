@@ -38,10 +38,10 @@ def check(cfg: Config) -> str:
     for url in cfg.redis_urls():
         _check_url(url)
     if cfg.run.resume:
-        from learner.checkpoint import CheckpointError, load_checkpoint
+        from learner.checkpoint import CheckpointError, load_resume
 
-        try:
-            load_checkpoint(cfg.run.resume, expect_env=spec.env_id)
+        try:  # what train checks, but the action count (that needs the emulator)
+            load_resume(cfg, spec.env_id)
         except CheckpointError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -107,6 +107,7 @@ class ReplayFleet:
         eps: list[ShardEndpoint],
         capacity_per_shard: int,
         identity: ReplayIdentity,
+        owner: str | None = None,
         stats_timeout: float = 2.0,
     ) -> None:
         from replay_server.shard import ReplayShard
@@ -123,6 +124,7 @@ class ReplayFleet:
                 namespace=ep.namespace,
                 identity=identity,
                 autostart=True,
+                owner=owner,
             )
             for ep in eps
         ]

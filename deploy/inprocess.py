@@ -185,7 +185,12 @@ class LocalReplay:
     `deploy.fleet.ReplayFleet` that the launcher uses."""
 
     def __init__(
-        self, cfg: Config, eps: list[ShardEndpoint], capacity_per_shard: int, identity: Any
+        self,
+        cfg: Config,
+        eps: list[ShardEndpoint],
+        capacity_per_shard: int,
+        identity: Any,
+        owner: str | None = None,
     ) -> None:
         from replay_server.shard import ReplayShard
 
@@ -199,6 +204,7 @@ class LocalReplay:
                 identity=identity,
                 seed=cfg.run.seed + ep.index,
                 autostart=True,
+                owner=owner,
             )
             for ep in eps
         ]

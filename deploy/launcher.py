@@ -88,6 +88,28 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
     )
     resume_state = _load_resume(cfg, spec.env_id, num_actions)
     logdir.mkdir(parents=True, exist_ok=True)
+    from common.locks import DirLock, InUse
+
+    lock = DirLock(str(logdir), "the logdir")
+    try:
+        lock.acquire()  # one run per logdir: held until train() returns
+    except InUse as exc:
+        raise LaunchError(str(exc)) from None
+    try:
+        return _train(cfg, spec, num_actions, resume_state, logdir, out)
+    finally:
+        lock.release()
+
+
+def _train(
+    cfg: Config,
+    spec: Any,
+    num_actions: int,
+    resume_state: dict | None,
+    logdir: Path,
+    out: Callable[[str], None],
+) -> dict:
+    """`train` once its logdir is locked: Redis, Ray, the roles, the summary."""
     cfg.run.logdir = str(logdir)
     (logdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     out(
@@ -98,6 +120,7 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
 
     if warning := single_env_warning(cfg.actor, cfg.actor.actors):
         out(f"[apex] warning: {warning}")
+    from replay_server import lease
     from replay_server.endpoints import endpoints
     from replay_server.namespace import ReplayIdentity
 
@@ -113,11 +136,13 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
     with ExitStack() as stack:
         backend = stack.enter_context(_redis(cfg, logdir, out))
         eps = endpoints(backend.urls)  # the run's shard endpoints, built once
-        _check_namespaces(cfg, eps, identity, out)
+        owner = lease.Owner.this_run(str(logdir))
+        stack.callback(_release_leases, eps, owner)
+        _check_namespaces(cfg, eps, identity, owner, out)
         if not cfg.run.in_process:
             stack.enter_context(_ray(cfg, out))
         stack.enter_context(_signals(stop, out))
-        summary = _run(cfg, backend, eps, identity, resume_state, logdir, stop, out)
+        summary = _run(cfg, backend, eps, owner, identity, resume_state, logdir, stop, out)
     if cfg.run.summary_json:
         Path(cfg.run.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.run.summary_json).write_text(json.dumps(summary, indent=2))
@@ -130,17 +155,10 @@ def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
 def _load_resume(cfg: Config, env_id: str, num_actions: int) -> dict | None:
     if not cfg.run.resume:
         return None
-    from learner.checkpoint import CheckpointError, load_checkpoint
+    from learner.checkpoint import CheckpointError, load_resume
 
     try:
-        return load_checkpoint(
-            cfg.run.resume,
-            expect_env=env_id,
-            expect_actions=num_actions,
-            expect_dueling=cfg.learner.dueling,
-            expect_network=cfg.network(),
-            expect_optimizer=cfg.learner.optimizer,
-        )
+        return load_resume(cfg, env_id, num_actions)
     except CheckpointError as exc:
         raise LaunchError(str(exc)) from None
 
@@ -219,6 +237,10 @@ def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[Re
                 servers.append(EmbeddedRedis(str(data_dir), host=host, maxmemory=maxmemory))
             except (ValueError, FileNotFoundError) as exc:
                 raise LaunchError(str(exc)) from None
+            except (TimeoutError, RuntimeError) as exc:  # did not load its AOF, or exited
+                raise LaunchError(
+                    f"the embedded replay of shard {k} ({data_dir}) did not start: {exc}"
+                ) from None
         supervisor = RedisSupervisor(servers, log_fn=out)
         out(
             f"[apex] embedded {os.path.basename(servers[0].binary)}: "
@@ -234,9 +256,12 @@ def _redis(cfg: Config, logdir: Path, out: Callable[[str], None]) -> Iterator[Re
 
 
 def _check_namespaces(
-    cfg: Config, eps: list[Any], identity: Any, out: Callable[[str], None]
+    cfg: Config, eps: list[Any], identity: Any, owner: Any, out: Callable[[str], None]
 ) -> None:
-    """Refuse (or with --replay-reset, delete) a replay this run cannot continue."""
+    """Take each replay's lease (`replay_server.lease`: refused while another run
+    holds it), then refuse (or with --replay-reset, delete) a replay this run
+    cannot continue."""
+    from replay_server import lease
     from replay_server.keys import ReplayKeys
     from replay_server.namespace import inspect_namespace, namespace_refusal, reset_namespace
     from replay_server.protocol import ReplayUnavailable
@@ -248,8 +273,13 @@ def _check_namespaces(
         try:
             client = ep.connect()
             try:
+                try:
+                    lease.acquire(client, keys, owner, shown)
+                except lease.LeaseHeld as exc:
+                    raise LaunchError(str(exc)) from None
                 if cfg.replay.replay_reset:
                     n = reset_namespace(client, keys, shown)
+                    lease.acquire(client, keys, owner, shown)  # the reset deleted it
                     if n:
                         out(f"[apex] --replay-reset: deleted the replay in {shown} ({n} keys)")
                     continue
@@ -268,6 +298,23 @@ def _check_namespaces(
             raise LaunchError(str(exc)) from None
         if problems:
             raise LaunchError(namespace_refusal(redact(ep.url), problems, keys.namespace))
+
+
+def _release_leases(eps: list[Any], owner: Any) -> None:
+    """Give back this run's leases (the shards do when they stop; this covers a
+    run that ended before its shards started). Never raises."""
+    from replay_server import lease
+    from replay_server.keys import ReplayKeys
+
+    for ep in eps:
+        try:
+            client = ep.connect()
+            try:
+                lease.release(client, ReplayKeys(ep.namespace), owner.encode())
+            finally:
+                client.close()
+        except Exception:  # noqa: BLE001 - the lease then ends by itself
+            continue
 
 
 @contextmanager
@@ -387,6 +434,7 @@ def _run(
     cfg: Config,
     backend: ReplayBackend,
     eps: list[Any],
+    owner: Any,
     identity: Any,
     resume_state: dict | None,
     logdir: Path,
@@ -417,10 +465,10 @@ def _run(
     _learner_threads(cfg, out)
     if local:
         weights = LocalWeights()
-        replay: Any = LocalReplay(cfg, eps, capacity_per_shard(cfg), identity)
+        replay: Any = LocalReplay(cfg, eps, capacity_per_shard(cfg), identity, owner.encode())
     else:
         store = start_weight_store()
-        replay = ReplayFleet(cfg, eps, capacity_per_shard(cfg), identity)
+        replay = ReplayFleet(cfg, eps, capacity_per_shard(cfg), identity, owner.encode())
     learner = Learner(cfg, identity.num_actions, cfg.learner.device)
     out(f"[apex] learner: {learner.device}, {learner.dtype} ({learner.dtype_reason})")
     if resume_state is not None:
@@ -446,7 +494,9 @@ def _run(
         publish(0, learner.get_weights())
         publisher.wait()
         actors = ActorFleet(cfg, eps, start_frames=start_frames)
-    monitor = RunMonitor(actors, replay, backend, data, stop)
+    monitor = RunMonitor(
+        actors, replay, backend, data, stop, max_outage_s=60.0 * cfg.run.max_outage_minutes
+    )
     evaluation = _evaluation(cfg, logdir, metrics, identity.num_actions, out)
     loop = TrainLoop(
         cfg,

@@ -24,10 +24,12 @@ class RunMonitor:
     summary. (It does not pace anything: the replay ratio is the sampler's
     `ReplayRatioKeeper`.)
 
-    A role that cannot run (`deploy.fleet.FleetError`) sets ``error`` and the
-    stop event: the loop ends cleanly and `train` reports it. ``data`` is the
-    learner's `DataSource`: its own wait for an unavailable replay (a dead shard
-    actor included, which reports no stats) goes into ``replay_unavailable_s``.
+    A role that cannot run (`deploy.fleet.FleetError`), or a replay unavailable
+    for longer than ``max_outage_s`` (``--max-outage-minutes``; 0: no limit), sets
+    ``error`` and the stop event: the loop ends cleanly and `train` reports it
+    (exit 1). ``data`` is the learner's `DataSource`: its own wait for an
+    unavailable replay (a dead shard actor included, which reports no stats) goes
+    into ``replay_unavailable_s`` and is what the deadline measures.
     """
 
     def __init__(
@@ -37,9 +39,11 @@ class RunMonitor:
         backend: Any,
         data: Any,
         stop: threading.Event,
+        max_outage_s: float = 0.0,
     ) -> None:
         self.actors, self.replay, self.backend = actors, replay, backend
         self.data, self._stop = data, stop
+        self.max_outage_s = float(max_outage_s)
         self.error: BaseException | None = None
         self.fleet: Any = None
         self.shards: list[Any] = []
@@ -58,9 +62,21 @@ class RunMonitor:
             raise
         f, shards = self.fleet, self.shards
         down = [s.outage_s for s in shards if not s.available]
-        waiting = self.data.status().unavailable_s  # the learner's own view (a dead shard too)
+        status = self.data.status()
+        waiting = status.unavailable_s  # the learner's own view (a dead shard too)
         if waiting is not None:
             down.append(waiting)
+        # the current outage: a shard's own, or the learner's wait
+        now_down = max([s.down_s for s in shards if not s.available] + [waiting or 0.0])
+        if self.max_outage_s and now_down > self.max_outage_s and self.error is None:
+            why = status.last_outage or "a replay shard cannot reach its Redis"
+            self.error = RuntimeError(
+                f"the replay has been unavailable for {now_down / 60:.1f} minutes, longer "
+                f"than --max-outage-minutes {self.max_outage_s / 60:g} ({why}); the "
+                "checkpoint is written: bring the replay back and --resume"
+            )
+            log.error("%s", self.error)
+            self._stop.set()
         return RunStatus(
             frames=f.frames,
             transitions=f.transitions_pushed,

@@ -72,6 +72,7 @@ class PushPlan:
     added:          `FrameGroups.add`'s result for the push's new frames (None: none)
     group_created:  the slot stored with the new group
     freed_gids / freed: groups no live slot refers to any more, and their frame ids
+    dead:           the records are empty placeholders of skipped slots (weight 0)
     """
 
     pos: np.ndarray
@@ -80,6 +81,7 @@ class PushPlan:
     group_created: int
     freed_gids: list[int]
     freed: np.ndarray
+    dead: bool = False  # slots skipped, not stored: weight 0 (`ReplayIndex.plan_skip`)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Plan:
     next: int
     pushes: list[PushPlan] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    skipped: tuple[int, int] | None = None  # slots [a, b) skipped (`ReplayIndex.plan_skip`)
 
     def count(self, name: str, n: int) -> None:
         self.counts[name] = self.counts.get(name, 0) + int(n)
@@ -131,10 +134,13 @@ class ReplayIndex:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.sampled_total = 0
         self.removed = 0
+        self._skipped: list[tuple[int, int]] = []  # slot ranges skipped, not yet evicted
 
     @property
     def size(self) -> int:
-        return self.next - self.first
+        """Transitions stored: live slots but the skipped ones (`plan_skip`)."""
+        gap = sum(max(0, min(b, self.next) - max(a, self.first)) for a, b in self._skipped)
+        return self.next - self.first - gap
 
     # ---- ingest: plan on copies, apply once storage accepted -----------------
     def plan(self, raw: list[bytes], incarnation: int) -> Plan:
@@ -189,16 +195,47 @@ class ReplayIndex:
             plan.pushes.append(PushPlan(slots % cap, rec, added, plan.next - 1, freed_gids, freed))
         return plan
 
+    def plan_skip(self, nxt: int) -> Plan:
+        """A plan that moves the next slot forward to ``nxt`` without storing
+        anything: the skipped slots hold empty records of weight 0 and are evicted
+        in turn. Used after Redis lost its newest writes, so that slot numbers are
+        never reused: a key the sampler drew before the loss can then never name
+        another transition (a late `remove` or priority update of it is ignored)."""
+        plan = Plan(groups=self.groups.copy(), first=self.first, next=self.next)
+        if nxt <= self.next:
+            return plan
+        plan.first = max(self.first, nxt - self.capacity)
+        plan.count("evictions", plan.first - self.first)
+        plan.next = nxt
+        slots = np.arange(max(self.next, plan.first), nxt, dtype=np.int64)
+        plan.skipped = (self.next, nxt)
+        freed_gids, freed = plan.groups.release(plan.first)
+        plan.pushes.append(
+            PushPlan(
+                slots % self.capacity,
+                np.zeros(slots.size, RECORD_DTYPE),
+                None,
+                0,
+                freed_gids,
+                freed,
+                dead=True,
+            )
+        )
+        return plan
+
     def apply(self, plan: Plan) -> None:
         """Make an accepted plan the index (call in the order the plans were made)."""
         with self.lock:
             for push in plan.pushes:
                 self.rec[push.pos] = push.rec
                 pr = np.clip(push.rec["prio"].astype(np.float64), MIN_PRIORITY, MAX_PRIORITY)
-                self.prio[push.pos] = pr
-                self.tree.update(push.pos, pr**self.alpha)
+                self.prio[push.pos] = 0.0 if push.dead else pr
+                self.tree.update(push.pos, np.zeros(pr.size) if push.dead else pr**self.alpha)
             self.groups = plan.groups
             self.first, self.next = plan.first, plan.next
+            if plan.skipped is not None:
+                self._skipped.append(plan.skipped)
+            self._skipped = [(a, b) for a, b in self._skipped if b > self.first]
             for name, n in plan.counts.items():
                 self.counters[name] += n
 
@@ -245,7 +282,8 @@ class ReplayIndex:
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         """Set priorities of sampled keys (int64[k] slots, the shard's bits above
-        SLOT_BITS ignored), clipped to [MIN_PRIORITY, MAX_PRIORITY]; evicted slots and
+        SLOT_BITS ignored), clipped to [MIN_PRIORITY, MAX_PRIORITY]; evicted slots,
+        slots of weight 0 (removed, skipped, or refused at load: they stay out) and
         non-finite priorities are ignored. Returns how many were applied."""
         slots = np.asarray(keys, np.int64) & ((1 << SLOT_BITS) - 1)
         p = np.asarray(priorities, np.float64)
@@ -253,6 +291,7 @@ class ReplayIndex:
             raise ValueError(f"keys {slots.shape} and priorities {p.shape} differ in shape")
         with self.lock:
             ok = (slots >= self.first) & (slots < self.next) & np.isfinite(p)
+            ok[ok] = self.tree.get(slots[ok] % self.capacity) > 0
             pos = slots[ok] % self.capacity
             pr = np.clip(p[ok], MIN_PRIORITY, MAX_PRIORITY)
             self.prio[pos] = pr
@@ -354,8 +393,11 @@ class ReplayIndex:
         ok = rows >= 0
         groups.touch(rows[ok], np.repeat(live, 2 * STACK).reshape(rows.shape)[ok])
         groups.next_gid = max(groups.next_gid, meta.get("next_gid", 0))
+        # empty records (frame ids 0: no real frame has id 0) are skipped slots
+        empty = (recs["ids"] == 0).all(axis=1)
         report.bad_records = int((~valid).sum())
-        report.dangling = int((valid & ~known).sum())
+        report.dangling = int((valid & ~known & ~empty).sum())
+        skipped = _runs(live[empty])
         with self.lock:
             self.rec = rec
             self.prio[:] = 0
@@ -363,8 +405,17 @@ class ReplayIndex:
             self.tree.set_all(weight)
             self.groups = groups
             self.first, self.next = first, nxt
+            self._skipped = skipped
             for name in COUNTERS:
                 self.counters[name] = meta.get(name, 0)
             self.counters["rejected"] += report.bad_records
             self.counters["dangling"] += report.dangling
         return report
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted int64 slots as ranges ``[a, b)`` of consecutive slots."""
+    if slots.size == 0:
+        return []
+    brk = np.flatnonzero(np.diff(slots) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(slots, brk)]

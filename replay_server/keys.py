@@ -32,6 +32,9 @@ Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
 ``P heartbeat``            the shard's liveness: its pid and time, written every
                            second with a 10 s TTL (a failing write is how the shard
                            notices a Redis that refuses writes while idle)
+``P owner``                the run that owns this replay (`replay_server.lease`):
+                           its host, driver pid and logdir, with a TTL the shard's
+                           heartbeat refreshes; another run is refused while it lives
 =========================  ======================================================
 
 Bump :data:`KEY_VERSION` whenever the meaning of a key or record changes; a
@@ -71,6 +74,7 @@ class ReplayKeys:
         self.pushed = p + b"pushed"
         self.budget = p + b"budget"
         self.heartbeat = p + b"heartbeat"
+        self.owner = p + b"owner"
 
     def frame(self, frame_id: int) -> bytes:
         """Key of one frame."""
@@ -109,6 +113,7 @@ class ReplayKeys:
             self.pushed: "string",
             self.budget: "string",
             self.heartbeat: "string",
+            self.owner: "string",
         }
 
     @staticmethod

@@ -180,7 +180,9 @@ def inspect_namespace(
             problems.append(f"unknown key {key!r} under the replay's prefix")
         if len(problems) >= MAX_PROBLEMS:
             return problems
-    has_data = bool(others) or frames_exist is not None
+    # the run's lease, the shard's heartbeat and the insert budget are not data
+    bookkeeping = {keys.owner, keys.heartbeat, keys.budget}
+    has_data = any(k not in bookkeeping for k in others) or frames_exist is not None
     if not has_data:
         return problems
     if not meta or b"capacity" not in meta:

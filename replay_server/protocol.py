@@ -173,6 +173,7 @@ class ShardStats:
     orphans_collected:    frames deleted by the orphan sweep
     outages:              times the shard found its Redis unavailable
     outage_s:             seconds it was unavailable in all (the current outage included)
+    down_s:               seconds of the current outage (0 while available)
     available:            Redis usable and the index loaded right now
     pid / started_at:     the shard's process and its start time (a restart changes them)
     """
@@ -199,6 +200,7 @@ class ShardStats:
     orphans_collected: int = 0
     outages: int = 0
     outage_s: float = 0.0
+    down_s: float = 0.0
     available: bool = False
     pid: int = 0
     started_at: float = 0.0

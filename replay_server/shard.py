@@ -82,6 +82,7 @@ import numpy as np
 import redis
 
 from common.wire import WireError, decode_batch
+from replay_server import lease
 from replay_server.frame_groups import FrameGroups
 from replay_server.index import Plan, ReplayIndex
 from replay_server.keys import ReplayKeys
@@ -115,6 +116,9 @@ class ReplayShard:
     snapshot_seconds / gc_seconds: periods of priority snapshots / orphan sweeps
     autostart:     call :meth:`start` at the end of the constructor (what the Ray
                    wiring does, so a restarted shard actor resumes by itself)
+    owner:         the run's lease value (`replay_server.lease.Owner.encode`): the
+                   heartbeat refreshes the lease, an ingest commits only while the
+                   lease is this value, `stop` gives it back. None: no lease (tests)
 
     Thread-safe: ingest, sample, update_priorities and stats may run concurrently.
     Raises `NamespaceError` (construction or reload) when the namespace holds
@@ -133,6 +137,7 @@ class ReplayShard:
         identity: ReplayIdentity | None = None,
         gc_seconds: float = 600.0,
         autostart: bool = False,
+        owner: str | None = None,
     ) -> None:
         self.index = ReplayIndex(
             capacity, alpha, identity.num_actions if identity else MAX_ACTIONS, seed
@@ -143,6 +148,8 @@ class ReplayShard:
         self.alpha = self.index.alpha
         self.codec = codec
         self.identity = identity
+        self.owner = owner
+        self.lease_lost = False  # another run took the replay over (see `_beat`)
         self.snapshot_seconds = float(snapshot_seconds)
         self.gc_seconds = float(gc_seconds)
         self.keys = ReplayKeys(namespace)
@@ -212,11 +219,18 @@ class ReplayShard:
                 return 0
             plan = self.index.plan(raw, int(incarnation or 0))
             pipe = self._client.pipeline(transaction=True)
+            if self.owner is not None:
+                self._watch_lease(pipe)
             new_chunks = self._queue_writes(pipe, plan)
             pipe.hset(k.meta, mapping=self.index.meta(plan))
             pipe.ltrim(k.incoming, len(raw), -1)
-            with replay_errors(self._where):
-                pipe.execute()
+            try:
+                with replay_errors(self._where):
+                    pipe.execute()
+            except redis.WatchError:
+                raise self._taken_over() from None
+            finally:
+                pipe.reset()
             self.index.apply(plan)
             self._chunks |= new_chunks
             self._rate.append((time.monotonic(), self.inserted_total))
@@ -292,6 +306,7 @@ class ReplayShard:
                 orphans_collected=c["orphans_collected"],
                 outages=c["outages"],
                 outage_s=c["outage_ms"] / 1000.0 + (now - down if down is not None else 0.0),
+                down_s=now - down if down is not None else 0.0,
                 available=down is None and self._loaded,
                 pid=self.pid,
                 started_at=self.started_at,
@@ -316,6 +331,11 @@ class ReplayShard:
             self.snapshot()
         except (ReplayUnavailable, NamespaceError) as exc:
             log.warning("replay shard: no final priority snapshot: %s", exc)
+        if self.owner is not None and self._client is not None:
+            try:
+                lease.release(self._client, self.keys, self.owner)
+            except (redis.RedisError, OSError):
+                pass  # it ends by itself within lease.LEASE_MS
 
     def snapshot(self) -> None:
         """Write the priorities of all live slots into Redis (``keys.priorities``)."""
@@ -424,10 +444,40 @@ class ReplayShard:
                 self._stop.wait(0.005)
 
     def _beat(self) -> None:
-        """Liveness key (and a write: an idle shard notices a Redis refusing writes)."""
+        """Liveness key (and a write: an idle shard notices a Redis refusing writes);
+        the run's lease is refreshed with it."""
         with replay_errors(self._where):
             self._client.set(self.keys.heartbeat, f"{self.pid} {time.time():.3f}", ex=10)
+            if self.owner is not None and not lease.refresh(self._client, self.keys, self.owner):
+                raise self._taken_over()
         self._last_beat = time.monotonic()
+
+    def _watch_lease(self, pipe: redis.client.Pipeline) -> None:
+        """Make the round's MULTI conditional on the lease: WATCH it, check it is
+        this run's (or free: then the MULTI takes it again), and start the MULTI."""
+        with replay_errors(self._where):
+            pipe.watch(self.keys.owner)
+            held = pipe.get(self.keys.owner)
+        if held is not None and held != self.owner.encode():
+            pipe.reset()
+            raise self._taken_over()
+        pipe.multi()
+        if held is None:  # it expired (this Redis was unreachable for a while)
+            pipe.set(self.keys.owner, self.owner, px=lease.LEASE_MS)
+
+    def _taken_over(self) -> NamespaceError:
+        self.lease_lost = True
+        held = None
+        try:
+            held = self._client.get(self.keys.owner)
+        except (redis.RedisError, OSError):
+            pass
+        who = lease.Owner.decode(held) if held is not None else None
+        return NamespaceError(
+            f"the replay in {self._where} was taken over by another run "
+            f"({who.describe() if who else 'unknown'}): this run's lease had expired; "
+            "this shard stores nothing more"
+        )
 
     def _note_down(self, exc: BaseException) -> None:
         self.ingest_errors += 1
@@ -489,12 +539,34 @@ class ReplayShard:
             reason = "the namespace was rewritten by someone else"
         log.warning("replay shard: %s; reloading the index from Redis", reason)
         keep = dict(self.counters)
+        lost_writes = epoch == self._epoch and redis_next < ours
         self._loaded = False
         self._ensure_ready()
         for name in ("inserted_total", "resets", "lost_in_resets", "outages", "outage_ms"):
             self.counters[name] = max(self.counters[name], keep[name])
-        if epoch == self._epoch and redis_next < ours:
+        if lost_writes:
             self.counters["lost"] = max(self.counters["lost"], keep["lost"]) + ours - redis_next
+            self._skip_to(ours)
+
+    def _skip_to(self, nxt: int) -> None:
+        """Slots stay monotonic after lost writes: the lost slots stay unused
+        (`ReplayIndex.plan_skip`), in Redis as in memory."""
+        skipped = nxt - self.index.next
+        plan = self.index.plan_skip(nxt)
+        if not plan.pushes:
+            return
+        pipe = self._client.pipeline(transaction=True)
+        new_chunks = self._queue_writes(pipe, plan)
+        pipe.hset(self.keys.meta, mapping=self.index.meta(plan))
+        with replay_errors(self._where):
+            pipe.execute()
+        self.index.apply(plan)
+        self._chunks |= new_chunks
+        log.warning(
+            "replay shard: the %d slots lost with Redis's newest writes stay unused (next slot %d)",
+            skipped,
+            nxt,
+        )
 
     def _load(self) -> None:
         """Rebuild the in-memory index from what this Redis holds (if anything).

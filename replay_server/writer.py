@@ -10,18 +10,23 @@ Both steps are small Lua scripts, so each is atomic in Redis:
 
 * register: ``SET epoch <new token> NX``, then ``GET epoch`` and ``INCR
   incarnation``. The writer remembers the epoch it registered under.
-* push: if ``epoch`` is still the writer's, ``MSET`` the new frames, ``RPUSH`` the
-  batch, ``INCRBY pushed`` and read the insert budget; otherwise write nothing.
-  All or nothing: a writer killed mid-push leaves no orphan frames, and a
-  writer registered with a Redis that has since lost its data (restarted
-  empty) can never write into the new data with its old ids.
+* push: if ``epoch`` is still the writer's and none of the new frame keys exists,
+  ``MSET`` the new frames, ``RPUSH`` the batch, ``INCRBY pushed`` and read the
+  insert budget; otherwise write nothing. All or nothing: a writer killed
+  mid-push leaves no orphan frames; a writer registered with a Redis that has
+  since lost its data (restarted empty) can never write into the new data with
+  its old ids; and a frame is never overwritten. A writer whose registration
+  Redis lost with its newest writes (an older AOF: the ``INCR incarnation`` rolled
+  back) raises the counter past its incarnation with its next push, so the
+  shard accepts its pushes and no later registration reuses its ids.
 
 ``push`` raises :class:`ReplayUnavailable` when Redis is unreachable or refuses
 writes (``OOM``, ``MISCONF``, ``READONLY``): nothing was written, the caller keeps
-the data and retries later. On an epoch change it registers again (a new
-incarnation, hence fresh frame ids) and raises :class:`ReplayReset`, a
-`ReplayUnavailable`: the retry goes out under the new ids, and transitions that
-refer to frames pushed before the reset are dropped by the shard as dangling.
+the data and retries later. On an epoch change, or a frame key that is taken, it
+registers again (a new incarnation, hence fresh frame ids) and raises
+:class:`ReplayReset`, a `ReplayUnavailable`: the retry goes out under the new
+ids, and transitions that refer to frames pushed before the reset are dropped
+by the shard as dangling.
 """
 
 from __future__ import annotations
@@ -48,14 +53,28 @@ redis.call('SETNX', KEYS[3], ARGV[2])
 return {redis.call('GET', KEYS[1]), redis.call('INCR', KEYS[2])}
 """
 
-# KEYS: epoch, incoming, pushed, budget. ARGV: epoch, batch payload, n, then
-# frame key, frame bytes, ... Returns {pushed, budget} or {-1, current epoch}.
+# KEYS: epoch, incoming, pushed, budget, incarnation. ARGV: epoch, batch payload,
+# n, the writer's incarnation, then frame key, frame bytes, ... Returns {pushed,
+# budget}, {-1, current epoch} (the data was lost: register again), or {-2, frames
+# that exist} (a frame key is taken: a retry of a push whose reply was lost, or an
+# incarnation handed out twice; nothing is overwritten: register again). A writer
+# whose incarnation is above the counter registered in writes that Redis lost (an
+# older AOF): the counter is raised past it, so no later registration reuses it.
 _PUSH = f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {{-1, redis.call('GET', KEYS[1])}}
 end
 local n = #ARGV
-for i = 4, n, {MSET_ARGS} do
+for i = 5, n, {MSET_ARGS} do
+  local keys = {{}}
+  for j = i, math.min(i + {MSET_ARGS - 1}, n), 2 do keys[#keys + 1] = ARGV[j] end
+  local taken = redis.call('EXISTS', unpack(keys))
+  if taken > 0 then return {{-2, taken}} end
+end
+if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[4]) then
+  redis.call('SET', KEYS[5], ARGV[4])
+end
+for i = 5, n, {MSET_ARGS} do
   redis.call('MSET', unpack(ARGV, i, math.min(i + {MSET_ARGS - 1}, n)))
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -95,7 +114,8 @@ class ReplayWriter:
         self.client = connect(url)
         self._register_script = self.client.register_script(_REGISTER)
         self._push_script = self.client.register_script(_PUSH)
-        self.resets = 0
+        self.resets = 0  # registrations after the first (data lost, or ids taken)
+        self.collisions = 0  # pushes refused because a frame key was taken
         self._register()
 
     def _register(self) -> None:
@@ -160,14 +180,25 @@ class ReplayWriter:
         payload = encode_batch(batch, actor, policy_version, frame_ids)
         k = self.keys
         with self._lock, replay_errors(self._where):
-            args: list[bytes | int] = [self.epoch, payload, len(batch)]
+            args: list[bytes | int] = [self.epoch, payload, len(batch), self.incarnation]
             if len(frames):
                 blobs = self._frame_codec(frames).encode(frames)
                 for key, blob in zip(k.frames(frame_ids), blobs, strict=True):
                     args += (key, blob)
             pushed, budget = self._push_script(
-                keys=[k.epoch, k.incoming, k.pushed, k.budget], args=args
+                keys=[k.epoch, k.incoming, k.pushed, k.budget, k.incarnation], args=args
             )
+            if int(pushed) == -2:
+                old_inc = self.incarnation
+                self.resets += 1
+                self.collisions += 1
+                self._register()
+                raise ReplayReset(
+                    f"{self._where} already holds {int(budget)} of this push's frame ids "
+                    f"(a retry of a push whose reply was lost, or incarnation {old_inc} "
+                    "handed out twice after Redis lost its newest writes); nothing was "
+                    f"overwritten; registered again as incarnation {self.incarnation}"
+                )
             if int(pushed) < 0:
                 old = self.epoch
                 self.resets += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +80,45 @@ def test_catch_learns_in_process(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["mean"] >= 0.8, (scores["mean"], summary)
+
+
+@pytest.mark.slow
+def test_an_outage_longer_than_the_deadline_stops_the_run(tmp_path):
+    """--max-outage-minutes: the replay's Redis is killed (SIGKILL) once the run
+    learns, and stays down: the run stops with exit 1 and says why, instead of
+    waiting forever."""
+    import os
+    import signal
+    import time
+
+    from replay_server.redis_proc import EmbeddedRedis
+
+    server = EmbeddedRedis(str(tmp_path / "redis"))
+    url_file = tmp_path / "url"
+    url_file.write_text(server.url)
+    url_file.chmod(0o600)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logdir = tmp_path / "catch"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "deploy.cli", *CATCH,
+            *("--redis-url-file", str(url_file), "--min-replay", "500"),
+            *("--max-outage-minutes", "0.1", "--max-seconds", "300", "--log-every", "1"),
+            *("--eval-every-minutes", "0", "--logdir", str(logdir)),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # wait for learning, not for a time
+            if "updates " in line and " | updates 0 " not in line and "frames/s" in line:
+                break
+        os.kill(server.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 1, err[-2000:]
+    assert "unavailable for" in err and "longer than --max-outage-minutes 0.1" in err
+    assert time.monotonic() - t0 < 120

@@ -126,8 +126,11 @@ def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, 
         for _ in range(3):
             push(writer, actor)
             shard.ingest()
-        ahead = shard.size
+        ahead, next_slot = shard.size, shard.index.next
         assert ahead > kept
+        drawn = shard.sample(512).keys
+        lost_keys = drawn[drawn >= kept]  # keys the learner may still hold
+        assert lost_keys.size
         srv.kill()
         shutil.rmtree(data)
         shutil.copytree(tmp_path / "older", data)
@@ -135,10 +138,89 @@ def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, 
         assert shard.ingest() == 0  # notices, reloads
         st = shard.stats()
         assert st.size == kept and st.lost == ahead - kept and st.resets == 0
+        # slots are never reused: the lost ones stay unused, late updates miss
+        assert shard.index.next == next_slot
+        assert shard.update_priorities(lost_keys, np.ones(lost_keys.size)) == 0
         push(writer, actor)  # and goes on
-        assert shard.ingest() > 0
+        stored = shard.ingest()
+        assert stored > 0 and shard.index.next == next_slot + stored  # after the gap
+        # a restarted shard reads the same back: the skipped slots are not transitions
+        again = ReplayShard(srv.url, capacity=5_000, identity=IDENTITY)
+        assert again.size == shard.size == kept + stored
+        assert again.stats().dangling == shard.stats().dangling
     finally:
         srv.stop()
+
+
+def test_a_registration_lost_with_the_newest_writes_never_reuses_frame_ids(
+    tmp_path, make_pong_actor, pong_frames
+):
+    """Redis restarts on an AOF without its newest writes, among them a writer's
+    registration (INCR incarnation). That writer's later pushes are stored, not
+    refused forever; the next registration gets a higher incarnation; and no
+    frame of one writer is ever overwritten by another's."""
+    data = tmp_path / "redis"
+    srv = EmbeddedRedis(str(data))
+    try:
+        shard = ReplayShard(srv.url, capacity=5_000, identity=IDENTITY)
+        w1 = ReplayWriter(srv.url)
+        push(w1, make_pong_actor(w1.incarnation, num_envs=2, frame_pool=pong_frames))
+        shard.ingest()
+        srv.stop()  # what reached the disk
+        shutil.copytree(data, tmp_path / "older")
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+        w2 = ReplayWriter(srv.url)  # e.g. an actor Ray just restarted
+        a2 = make_pong_actor(w2.incarnation, num_envs=2, frame_pool=pong_frames, seed=2)
+        push(w2, a2)
+        shard.ingest()
+        srv.kill()  # a machine crash: the registration of w2 is lost with the rest
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "older", data)
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+        admin = redis.Redis.from_url(srv.admin_url)
+        assert int(admin.get(KEYS.incarnation)) < w2.incarnation  # rolled back
+        shard.ingest()  # notices the lost writes, reloads
+        before = shard.stats()
+        w2_frames = []
+        for _ in range(3):
+            w2_frames.append(push(w2, a2)[0])
+            assert shard.ingest() > 0
+        after = shard.stats()
+        assert after.rejected == before.rejected  # w2 is not refused forever
+        assert after.inserted_total > before.inserted_total
+        assert int(admin.get(KEYS.incarnation)) >= w2.incarnation  # raised past it
+        w3 = ReplayWriter(srv.url)  # the next registration
+        assert w3.incarnation > w2.incarnation
+        ids = np.concatenate(w2_frames)
+        stored = admin.mget(KEYS.frames(ids))
+        a3 = make_pong_actor(w3.incarnation, num_envs=2, frame_pool=pong_frames, seed=3)
+        for _ in range(8):
+            push(w3, a3)
+            shard.ingest()
+        assert admin.mget(KEYS.frames(ids)) == stored  # nothing of w2 overwritten
+    finally:
+        srv.stop()
+
+
+def test_a_push_never_overwrites_a_stored_frame(server, make_pong_actor, pong_frames):
+    """Two writers handed the same incarnation (the counter rolled back): the
+    second one's push is refused as a whole, it registers again, and the first
+    one's frames stay as they were."""
+    admin = redis.Redis.from_url(server.admin_url)
+    w1 = ReplayWriter(server.url)
+    fids, _, _ = push(w1, make_pong_actor(w1.incarnation, num_envs=2, frame_pool=pong_frames))
+    stored = admin.mget(KEYS.frames(fids))
+    admin.set(KEYS.incarnation, w1.incarnation - 1)  # what a lost INCR leaves behind
+    w2 = ReplayWriter(server.url)
+    assert w2.incarnation == w1.incarnation
+    incoming = admin.llen(KEYS.incoming)
+    a2 = make_pong_actor(w2.incarnation, num_envs=2, frame_pool=pong_frames, seed=7)
+    f2, fr2, b2 = a2.push(10)
+    with pytest.raises(ReplayReset, match="nothing was overwritten"):
+        w2.push(f2, fr2, b2, 0, 0)
+    assert admin.mget(KEYS.frames(fids)) == stored
+    assert admin.llen(KEYS.incoming) == incoming  # all or nothing: no batch queued
+    assert w2.collisions == 1 and w2.incarnation > w1.incarnation
 
 
 def test_hostile_records_are_rejected_and_counted(server, make_pong_actor, pong_frames):

@@ -153,3 +153,37 @@ def test_evict_all_keeps_slots_monotonic() -> None:
     assert (ix.first, ix.next, ix.size, ix.groups.frame_count) == (6, 6, 0, 0)
     assert ix.counters["lost_in_resets"] == 6 and ix.counters["resets"] == 1
     assert ix.update_priorities(np.array([1]), np.array([1.0])) == 0
+
+
+def test_skipped_slots_are_never_reused_nor_sampled() -> None:
+    """After Redis lost its newest writes the shard skips the lost slots: a key
+    drawn before the loss can never name another transition."""
+    ix = ReplayIndex(20, alpha=1.0, seed=0)
+    groups = {}
+    for p in ingest(ix, push(0, 8)).pushes:
+        groups[str(p.added[0]).encode()] = FrameGroups.pack(p.added[1], p.group_created)
+    ix.apply(ix.plan_skip(12))  # slots 8..11 were lost
+    assert (ix.first, ix.next, ix.size) == (0, 12, 8)
+    assert ix.update_priorities(np.array([9, 10]), np.array([5.0, 5.0])) == 0  # late updates
+    assert not {8, 9, 10, 11} & set(ix.sample(4000).keys.tolist())
+    plan = ingest(ix, push(100, 4))
+    assert plan.pushes[0].pos.tolist() == [12, 13, 14, 15] and ix.size == 12
+    for p in plan.pushes:
+        groups[str(p.added[0]).encode()] = FrameGroups.pack(p.added[1], p.group_created)
+    # read back from storage: the skipped records are empty, neither dangling nor stored
+    other = ReplayIndex(20, alpha=1.0, seed=0)
+    report = other.load(ix.rec.copy(), ix.first, ix.next, ix.meta(), ix.priorities_blob(), groups)
+    assert (report.dangling, report.bad_records, other.size) == (0, 0, 12)
+    ingest(ix, push(200, 10))  # next 26, first 6: the skipped range is still live
+    assert (ix.first, ix.size) == (6, 16)
+    ingest(ix, push(300, 8))  # first 14: evicted
+    assert (ix.first, ix.size) == (14, 20)
+
+
+def test_removed_slots_stay_out() -> None:
+    """A priority update that arrives after `remove` does not bring the row back."""
+    ix = ReplayIndex(10, alpha=1.0, seed=0)
+    ingest(ix, push(0, 5))
+    assert ix.remove(np.array([3])) == 1
+    assert ix.update_priorities(np.array([3, 4]), np.array([9.0, 9.0])) == 1
+    assert 3 not in set(ix.sample(2000).keys.tolist())
