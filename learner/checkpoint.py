@@ -221,6 +221,21 @@ def checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
     return load_checkpoint(path)["config"]
 
 
+def load_resume(cfg: Any, env_id: str, num_actions: int | None = None) -> dict[str, Any]:
+    """The checkpoint of ``--resume`` (``cfg.run.resume``), checked against the run
+    that would continue it: its game, its head, torso and optimizer, and its
+    action count when known (``train`` knows it; ``train --check`` starts no
+    emulator, so it checks everything else). Raises `CheckpointError`."""
+    return load_checkpoint(
+        cfg.run.resume,
+        expect_env=env_id,
+        expect_actions=num_actions,
+        expect_dueling=cfg.learner.dueling,
+        expect_network=cfg.network(),
+        expect_optimizer=cfg.learner.optimizer,
+    )
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     expect_env: str | None = None,

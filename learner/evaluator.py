@@ -103,6 +103,17 @@ class EvalRequest:
     video: bool
 
 
+# `common.evaluation.EvalResult.to_dict` keys -> their names in a training run's
+# evaluation records (evals.jsonl) and metrics (TensorBoard tags, Ray gauges)
+TRAINING_NAMES = {
+    "mean": "eval_return_mean",
+    "median": "eval_return_median",
+    "min": "eval_return_min",
+    "max": "eval_return_max",
+    "human_normalized": "eval_human_normalized",
+}
+
+
 class Evaluator:
     """Plays evaluation episodes of one game with the weights it is given.
 
@@ -158,18 +169,16 @@ class Evaluator:
                 max_videos=1,
             )
             video = Path(result.videos[0]).read_bytes() if result.videos else None
+        report = result.to_dict()  # the one record of an evaluation (`evaluate --json`)
         return {
             **asdict(req),
             "env_id": result.env_id,
             "protocol": self.protocol.describe(),
-            "scores": list(result.scores),
-            "lengths": list(result.lengths),
-            "truncated": list(result.truncated),
-            "eval_return_mean": result.mean,
-            "eval_return_median": result.median,
-            "eval_return_min": float(np.min(result.scores)),
-            "eval_return_max": float(np.max(result.scores)),
-            "eval_human_normalized": result.human_normalized(),
+            "scores": report["scores"],
+            "lengths": report["lengths"],
+            "truncated": report["truncated"],
+            # the training metrics' names (TensorBoard tags, evals.jsonl keys)
+            **{name: report[key] for key, name in TRAINING_NAMES.items()},
             "weights_digest": weights_digest(weights),
             "eval_seconds": time.monotonic() - t0,
             "video_bytes": video,

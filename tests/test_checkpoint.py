@@ -278,6 +278,24 @@ def test_other_network_refused_on_resume(tmp_path) -> None:
     assert load_checkpoint(path, expect_network="small")["num_actions"] == 3
 
 
+def test_train_check_refuses_a_resume_that_train_would_refuse(tmp_path, capsys) -> None:
+    """``train --check --resume`` applies train's checks of the checkpoint (torso,
+    head, optimizer), not only its game."""
+    from deploy.cli import main
+
+    cfg = make_cfg(network="small")
+    path = save_checkpoint(
+        tmp_path / "run" / "checkpoint.pt", Learner(cfg, 3, "cpu").state_dict(), COUNTERS,
+        cfg.to_dict(), "ApexCatch-v0", 3,
+    )  # fmt: skip
+    assert main(["train", "--resume", path, "--check"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", path, "--network", "nature", "--check"]) == 2
+    assert "--network" in capsys.readouterr().err
+    assert main(["train", "--resume", path, "--optimizer", "rmsprop", "--check"]) == 2
+    assert "rmsprop" in capsys.readouterr().err
+
+
 def test_keep_newest_by_write_order_after_resuming_an_older_checkpoint(tmp_path) -> None:
     """Resumed from update 100 after the run had reached 300: the new run's files
     (150, 160) are kept, the abandoned future (200, 300) goes first."""
