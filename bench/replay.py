@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.synthetic import SyntheticActor, pong_frames  # noqa: E402
 from common.types import FRAME_BYTES, FRAME_SHAPE, TransitionBatch  # noqa: E402
 from common.wire import CODEC_IDS, FrameCodec, encode_batch, train_zstd_dictionary  # noqa: E402
-from replay_server.endpoints import endpoints, pair
+from replay_server.endpoints import endpoints, pair  # noqa: E402
 from replay_server.keys import ReplayKeys  # noqa: E402
 from replay_server.loader import DataSource  # noqa: E402
 from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
