@@ -277,7 +277,7 @@ class ReplayIndex:
             discounts=rec["disc"].astype(np.float32),
             size=int(size),
             total=float(total),
-            inserted=int(inserted),
+            inserted_total=int(inserted),
         )
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:

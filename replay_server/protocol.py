@@ -127,7 +127,8 @@ class ShardSample:
     discounts:     float32[b]
     size:          transitions stored in the shard when it was drawn
     total:         the shard's total priority weight (sum of p**alpha)
-    inserted:      transitions the shard has stored since it was created
+    inserted_total: transitions the shard has stored since it was created (the
+                   name `ShardStats` uses too)
     """
 
     keys: np.ndarray
@@ -139,7 +140,7 @@ class ShardSample:
     discounts: np.ndarray
     size: int
     total: float
-    inserted: int
+    inserted_total: int
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])

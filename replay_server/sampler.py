@@ -136,6 +136,27 @@ class DrawnBatch:
         )
 
 
+@dataclass
+class SamplerStats:
+    """What `ReplaySampler.stats` reports (this process's sampler).
+
+    sampled:          rows delivered to the learner
+    dropped_rows:     drawn rows dropped because a frame was missing or corrupt
+    missing_frames / corrupt_frames: frames that were not there / did not decode
+    limiter_wait_s:   seconds the rate limiter held draws back
+    replay_size / replay_inserted: all shards' stored and ever-stored transitions,
+                      as of the sampler's last look
+    """
+
+    sampled: int
+    dropped_rows: int
+    missing_frames: int
+    corrupt_frames: int
+    limiter_wait_s: float
+    replay_size: int
+    replay_inserted: int
+
+
 class ReplaySampler:
     """Thread-safe: several threads may draw, finish and sample at once.
 
@@ -304,16 +325,16 @@ class ReplaySampler:
             m = shard == k
             self.shards[int(k)].update_priorities(keys[m] & SLOT_MASK, priorities[m])
 
-    def stats(self) -> dict:
-        return {
-            "sampled": self.sampled,
-            "dropped_rows": self.dropped_rows,
-            "missing_frames": self.missing_frames,
-            "corrupt_frames": self.corrupt_frames,
-            "limiter_wait_s": self.limiter.waited_s,
-            "replay_size": int(self._sizes.sum()),
-            "replay_inserted": int(self._inserted.sum()),
-        }
+    def stats(self) -> SamplerStats:
+        return SamplerStats(
+            sampled=self.sampled,
+            dropped_rows=self.dropped_rows,
+            missing_frames=self.missing_frames,
+            corrupt_frames=self.corrupt_frames,
+            limiter_wait_s=self.limiter.waited_s,
+            replay_size=int(self._sizes.sum()),
+            replay_inserted=int(self._inserted.sum()),
+        )
 
     # ---- internals ----------------------------------------------------------
     def _counts(self, refresh: bool) -> tuple[int, int]:
@@ -345,7 +366,7 @@ class ReplaySampler:
                 r = self.shards[k].sample(int(c))
                 with self._lock:
                     self._totals[k], self._sizes[k] = r.total, r.size
-                    self._inserted[k] = r.inserted
+                    self._inserted[k] = r.inserted_total
                 if len(r):
                     parts.append((k, r))
         with self._lock:

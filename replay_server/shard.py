@@ -499,6 +499,15 @@ class ReplayShard:
             self.counters["outage_ms"] += int(1000 * down)
             self._down_since = None
             log.warning("replay shard: %s reachable again after %.1f s", self._where, down)
+            # into Redis now, not with the next push: a shard restarted before that
+            # would otherwise reload the outage without its length
+            c = self.counters
+            try:
+                self._client.hset(
+                    self.keys.meta, mapping={"outages": c["outages"], "outage_ms": c["outage_ms"]}
+                )
+            except (redis.RedisError, OSError):
+                pass  # the next ingest round writes them with the rest
 
     # ---- load, reload, reset ---------------------------------------------------
     def _ensure_ready(self) -> None:

@@ -94,7 +94,7 @@ def test_loader_processes_deliver_the_replays_frames(redis_url, make_pong_actor,
         assert seen.min() > 0, seen
         st = data.status()
         assert st.batches == 6 and st.outages == 0 and st.unavailable_s is None
-    assert sampler.stats()["dropped_rows"] == 0
+    assert sampler.stats().dropped_rows == 0
 
 
 def test_a_held_batch_is_never_overwritten(redis_url, make_pong_actor, pong_frames):

@@ -87,7 +87,7 @@ def test_restart_after_kill_9_finds_transitions_and_priorities(tmp_path):
         # Frames are all there: a full batch, every row kept, stacks decodable.
         sampler = ReplaySampler(pair([shard], endpoints([server.url])), min_size=1, seed=0)
         batch = sampler.sample(256, 0.4)
-        assert len(batch) == 256 and sampler.stats()["dropped_rows"] == 0
+        assert len(batch) == 256 and sampler.stats().dropped_rows == 0
         assert set((batch.keys & SLOT_MASK).tolist()) <= set(before["keys"])
         # And it keeps working: ingest continues from the same slot numbers.
         assert shard.ingest() == 0 and shard.stats().size == bst["size"]

@@ -106,7 +106,7 @@ def test_rows_whose_frames_vanished_are_dropped(redis_url, make_pong_actor, pong
     assert batch is not None and 0 < len(batch) < 200
     batch.validate()
     assert intact[batch.keys & SLOT_MASK].all(), "a row with a deleted frame was kept"
-    assert sampler.stats()["dropped_rows"] == 200 - len(batch)
+    assert sampler.stats().dropped_rows == 200 - len(batch)
 
 
 def test_rate_limiter_arithmetic():
@@ -170,7 +170,7 @@ def test_rate_limiter_holds_the_ratio_with_real_writers(redis_url, pong_frames, 
             checks += 1
         assert checks > 10
         # The limiter, not the sampler's own speed, set the pace while writers ran.
-        assert sampler.stats()["limiter_wait_s"] > 0.5, sampler.stats()
+        assert sampler.stats().limiter_wait_s > 0.5, sampler.stats()
         stop.set()
         for t in writers:
             t.join()
@@ -234,7 +234,7 @@ def test_rows_keep_their_shards_frames_when_another_shard_lost_frames(
             assert np.array_equal(batch.actions[m], exp.actions[slots[m]])
         assert intact[slots[shard_of == 0]].all(), "a row with a deleted frame was kept"
     assert seen.min() > 0, seen
-    assert sampler.stats()["dropped_rows"] == 4 * 200 - seen.sum()
+    assert sampler.stats().dropped_rows == 4 * 200 - seen.sum()
     # Dropped rows leave the sum tree (weight 0: never drawn again); intact rows stay.
     assert sizes[0] < 200, sizes
     weight = shards[0].index.tree.get(np.arange(len(intact)) % shards[0].capacity)
