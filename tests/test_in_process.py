@@ -25,13 +25,13 @@ def ray_processes() -> list[str]:
 
 
 def test_a_step_bound_run_without_ray(tmp_path):
-    """200 updates: weights go from the learner to the actor and transitions from
+    """100 updates: weights go from the learner to the actor and transitions from
     the actor through Redis to the learner, all in one process (no Ray started)."""
     ray_before = ray_processes()
     logdir = tmp_path / "catch"
     res = cli(
         *CATCH,
-        *("--min-replay", "500", "--max-updates", "200", "--max-seconds", "300"),
+        *("--min-replay", "300", "--max-updates", "100", "--max-seconds", "300"),
         *("--eval-every-minutes", "0", "--log-every", "5"),
         *("--logdir", str(logdir), "--summary-json", str(tmp_path / "summary.json")),
         timeout=300,
@@ -40,8 +40,8 @@ def test_a_step_bound_run_without_ray(tmp_path):
     assert "[apex] in-process: actors, replay and learner in this process" in res.stdout
     assert "Ray dashboard" not in res.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stop_reason"] == "max_updates=200 reached" and summary["updates"] == 200
-    assert summary["replay_inserted"] >= 500 and summary["replay_size"] > 0
+    assert summary["stop_reason"] == "max_updates=100 reached" and summary["updates"] == 100
+    assert summary["replay_inserted"] >= 300 and summary["replay_size"] > 0
     assert summary["frames"] > 0 and summary["episodes"] > 0
     assert min(summary["actor_weight_versions"]) >= 1  # the actor took published weights
     assert summary["transitions_lost"] == 0
