@@ -27,7 +27,12 @@
      `deploy.monitor.RunMonitor.summary`), stop the shards (they snapshot their
      index), shut down local Ray and the embedded redis-server(s).
 
-Faults during the run are the roles' own business (see the README's Failures
+Why one ~580-line module: it is the one place where a run is put together and
+taken apart, in order (logdir lock, Redis, leases and namespaces, Ray, roles,
+teardown); the roles themselves, the monitor (`deploy.monitor`) and the
+in-process wiring (`deploy.inprocess`) live elsewhere.
+
+Faults during the run are the roles' own business (see docs/failures.md
 table): actors buffer while the replay is unavailable, shards wait and
 reconcile, the sampler waits, Ray restarts dead actors and shards, the
 supervisor restarts dead embedded redis-servers.

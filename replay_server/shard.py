@@ -63,9 +63,9 @@ Orphan frames (stored by a writer but referenced by no live transition: left by
 a lost ingest window, a malformed push or a reset) are deleted by a sweep at
 start and every ``gc_seconds`` (``orphans_collected``).
 
-Why this module is ~600 lines: everything here writes to, or reconciles with,
+Why this module is ~700 lines: everything here writes to, or reconciles with,
 the shard's Redis under one ingest lock (ingest, load, reload, reset, sweep,
-snapshot), and the invariant "memory never runs ahead of Redis" is easier to
+snapshot, the lease), and the invariant "memory never runs ahead of Redis" is easier to
 check in one place; the parts that need no Redis are in `replay_server.index`
 and `replay_server.records`.
 """
