@@ -32,8 +32,8 @@ taken apart, in order (logdir lock, Redis, leases and namespaces, Ray, roles,
 teardown); the roles themselves, the monitor (`deploy.monitor`) and the
 in-process wiring (`deploy.inprocess`) live elsewhere.
 
-Faults during the run are the roles' own business (see docs/failures.md
-table): actors buffer while the replay is unavailable, shards wait and
+Faults during the run are the roles' own business (see docs/failures.md):
+actors buffer while the replay is unavailable, shards wait and
 reconcile, the sampler waits, Ray restarts dead actors and shards, the
 supervisor restarts dead embedded redis-servers.
 """
