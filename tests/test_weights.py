@@ -4,6 +4,7 @@ raises, and the learner side neither blocks nor dies while it restarts."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -13,13 +14,15 @@ import pytest
 from common.weights import WeightPublisher, WeightSubscriber
 
 
-def store_processes() -> list[psutil.Process]:
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::WeightStore"):
-            procs.append(p)
-    return procs
+def store_process(store) -> psutil.Process:
+    """The process of this test's store actor (by its own PID: other Ray clusters on
+    the machine, e.g. a run another test left behind, have WeightStores too)."""
+    import ray
+
+    pid = ray.get(store.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    proc = psutil.Process(pid)
+    assert proc.cmdline()[0].startswith("ray::WeightStore"), proc.cmdline()
+    return proc
 
 
 def poll_until(sub: WeightSubscriber, version: int, publish=None, timeout: float = 60.0) -> None:
@@ -46,7 +49,7 @@ def test_the_weight_store_restarts_after_kill_9_and_actors_keep_their_weights(ra
         sub = WeightSubscriber(WEIGHTS_NAME)
         poll_until(sub, 1)
 
-        (proc,) = store_processes()
+        proc = store_process(store)
         proc.kill()  # kill -9
         proc.wait(timeout=10)
         for _ in range(20):  # while it restarts: no exception, the old weights stay
@@ -63,7 +66,7 @@ def test_the_weight_store_restarts_after_kill_9_and_actors_keep_their_weights(ra
             assert time.monotonic() - t0 < 2.0, "publish blocked on a restarting store"
 
         poll_until(sub, 3, publish)
-        assert [p.pid for p in store_processes()] != [proc.pid]  # a new process
         assert ray.get(store.version.remote()) >= 3
+        assert store_process(store).pid != proc.pid  # a new process
     finally:
         ray.kill(store)
