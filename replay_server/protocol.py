@@ -23,6 +23,7 @@ off, retry. Any other Redis error is a bug or bad data and propagates.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -63,14 +64,21 @@ class ReplayUnavailable(ConnectionError):
 
 
 # Write refusals: redis-py maps OOM, READONLY, LOADING and MASTERDOWN to classes;
-# MISCONF (cannot persist: disk full) and NOREPLICAS arrive as plain ResponseErrors.
+# MISCONF (cannot persist: disk full), NOREPLICAS and BUSY (a script or module
+# command runs past busy-reply-threshold; Redis answers nothing else until it ends
+# or SCRIPT KILL) arrive as plain ResponseErrors. All of them pass by themselves:
+# outages, never errors to retry at full speed.
 _REFUSED = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.MasterDownError,
 )
-_REFUSAL_PREFIXES = ("MISCONF", "NOREPLICAS", "OOM", "READONLY", "LOADING", "MASTERDOWN")
+_REFUSAL_PREFIXES = ("MISCONF", "NOREPLICAS", "OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY")
+# The code at the start of the message, after the "-" of one wrapped by a script
+# error, or after redis-py's "Command # 1 (...) of pipeline caused error: "; a whole
+# word (BUSYKEY, a RESTORE conflict, is not an outage).
+_REFUSAL_RE = re.compile(rf"(?:^|-|caused error: )(?:{'|'.join(_REFUSAL_PREFIXES)})\b")
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -81,9 +89,8 @@ def is_outage(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, redis.ResponseError):
         return False
-    msg = str(exc)
     # A refusal inside a Lua script arrives wrapped: "Error running script ...: -OOM ..."
-    return msg.startswith(_REFUSAL_PREFIXES) or any(f"-{p} " in msg for p in _REFUSAL_PREFIXES)
+    return _REFUSAL_RE.search(str(exc)) is not None
 
 
 @contextmanager
@@ -100,7 +107,7 @@ def replay_errors(where: str) -> Iterator[None]:
     except ReplayUnavailable:
         raise
     except redis.exceptions.ExecAbortError as exc:  # a command refused while queued in MULTI
-        if any(p in str(exc) for p in _REFUSAL_PREFIXES):
+        if _REFUSAL_RE.search(str(exc)) is not None:
             raise ReplayUnavailable(f"{where} refused the write: {_describe(exc)}") from None
         raise
     except (redis.RedisError, OSError) as exc:

@@ -7,6 +7,7 @@ so that it can refuse writes, lose data or be killed without touching the others
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -73,6 +74,56 @@ def test_refused_writes_lose_nothing_and_change_nothing(server, make_pong_actor,
         stored += n
     assert stored == sum(len(b) for b in queued) + len(batch) == shard.size
     assert client.llen(KEYS.incoming) == 0 and shard.stats().malformed == 0
+
+
+def test_a_busy_redis_is_an_outage_not_an_error(server, make_pong_actor, pong_frames):
+    """A script running past busy-reply-threshold makes Redis answer BUSY to
+    everybody: pushes and ingests fail as outages (the actors buffer, the shard
+    backs off and counts an outage; an error would make ingest retry at full
+    speed forever), and once the script is killed every push is stored."""
+    import threading
+
+    admin = redis.Redis.from_url(server.admin_url)
+    shard = ReplayShard(server.url, capacity=5_000, identity=IDENTITY)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+    queued = [push(writer, actor)[2] for _ in range(2)]
+    admin.config_set("busy-reply-threshold", 50)  # ms (alias lua-time-limit)
+    spinner = redis.Redis.from_url(server.admin_url)
+    spin_error: list[Exception] = []
+
+    def spin() -> None:
+        try:
+            spinner.eval("while true do end", 0)
+        except redis.RedisError as exc:
+            spin_error.append(exc)
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    probe = redis.Redis.from_url(server.admin_url)
+    deadline = time.monotonic() + 10
+    while True:  # until Redis answers BUSY
+        try:
+            probe.ping()
+        except redis.ResponseError as exc:
+            assert str(exc).startswith("BUSY"), exc
+            break
+        assert time.monotonic() < deadline, "Redis never became busy"
+    try:
+        with pytest.raises(ReplayUnavailable, match="unavailable.*BUSY"):
+            shard.ingest()
+        fids, frames, batch = actor.push(10)
+        with pytest.raises(ReplayUnavailable, match="BUSY"):
+            writer.push(fids, frames, batch, 0, 0)
+    finally:
+        probe.script_kill()
+        thread.join(timeout=10)
+    assert spin_error and "killed" in str(spin_error[0]).lower()
+    writer.push(fids, frames, batch, 0, 0)  # the actor's retry
+    stored = 0
+    while (n := shard.ingest()) > 0:
+        stored += n
+    assert stored == sum(len(b) for b in queued) + len(batch) == shard.size
 
 
 def test_redis_back_empty_is_detected_and_refilled(server, make_pong_actor, pong_frames):
