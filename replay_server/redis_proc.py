@@ -24,7 +24,11 @@
   for tests and operators) may do anything. The default user is off. The
   configuration reaches the server on its stdin and holds only SHA-256 hashes of
   the passwords, so no secret is written to disk or shown in ``ps``; the data
-  directory is 0700 and the server's files 0600.
+  directory is 0700 and the server's files 0600. The readiness probe (as
+  ``admin``) uses the server's unix socket in that directory, never TCP: a
+  process that took the port after a crash is sent no password by the probe
+  (clients with ``url`` still connect over TCP; a restart on a taken port fails
+  and the supervisor retries it).
 
 :class:`RedisSupervisor` watches embedded servers and restarts one that died on
 the same port, data directory and passwords, so it reloads its AOF and every
@@ -220,11 +224,23 @@ class EmbeddedRedis:
         # one server per data directory: two would append to one AOF
         self._lock = DirLock(self.data_dir, "the replay data directory")
         self.restarts = 0
+        # The readiness probe (which authenticates as admin) goes over a unix socket
+        # in a 0700 directory: after a crash another process may hold the TCP port,
+        # and it must never be sent the admin password. AF_UNIX paths are short
+        # (104-108 bytes), so a long data directory gets a private temporary one.
+        self._sock_dir: str | None = None
+        sock = os.path.join(self.data_dir, "redis.sock")
+        if len(sock) > 100:
+            self._sock_dir = tempfile.mkdtemp(prefix="apex-sock-")
+            sock = os.path.join(self._sock_dir, "redis.sock")
+        self.socket_path = sock
         self._config = (
             "\n".join(
                 [
                     f"bind {host}",
                     f"port {self.port}",
+                    f'unixsocket "{self.socket_path}"',
+                    "unixsocketperm 700",
                     f'dir "{self.data_dir}"',
                     "daemonize no",
                     'save ""',
@@ -312,7 +328,7 @@ class EmbeddedRedis:
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         client = redis.Redis(
-            host=self.host, port=self.port, username="admin", password=self._admin_password
+            unix_socket_path=self.socket_path, username="admin", password=self._admin_password
         )
         last: Exception | None = None
         try:
@@ -366,9 +382,10 @@ class EmbeddedRedis:
         if self.process is not None and self.process.stderr:
             self.process.stderr.close()
         self._lock.release()
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        for attr in ("_tmp", "_sock_dir"):
+            if getattr(self, attr):
+                shutil.rmtree(getattr(self, attr), ignore_errors=True)
+                setattr(self, attr, None)
 
     def kill(self) -> None:
         """SIGKILL the server (no flush) and let go of its data directory: what a

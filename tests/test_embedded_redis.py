@@ -139,3 +139,62 @@ def test_a_replay_that_cannot_load_is_a_clear_error(tmp_path, capsys):
     assert code == 2, err
     assert "the embedded replay of shard 0" in err and "did not start" in err
     assert "Traceback" not in err
+
+
+def test_a_restart_never_sends_credentials_to_whoever_took_the_port(tmp_path):
+    """After a crash another process may hold the server's TCP port. The restart
+    fails there (the port is taken), and its readiness probe, which goes over a
+    unix socket in the 0700 data directory, sends that process nothing."""
+    import socket
+    import threading
+
+    srv = EmbeddedRedis(str(tmp_path / "r"))
+    assert stat.S_IMODE(os.stat(srv.socket_path).st_mode) & 0o077 == 0
+    os.kill(srv.pid, signal.SIGKILL)
+    srv.process.wait()
+    received = bytearray()
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    squatter.bind((srv.host, srv.port))
+    squatter.listen()
+    squatter.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:  # accept and record whatever anyone sends
+        while not done.is_set():
+            try:
+                conn, _ = squatter.accept()
+            except OSError:
+                continue
+            conn.settimeout(0.2)
+            with conn:
+                while not done.is_set():
+                    try:
+                        data = conn.recv(4096)
+                    except OSError:
+                        continue
+                    if not data:
+                        break
+                    received.extend(data)
+                    conn.sendall(b"+PONG\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(RuntimeError, match="exited with code"):
+            srv.restart()
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        squatter.close()
+        srv.stop()
+    assert srv._admin_password.encode() not in received and b"AUTH" not in received
+
+
+def test_a_long_data_dir_gets_a_short_private_socket(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with EmbeddedRedis(str(deep)) as srv:
+        assert len(srv.socket_path) <= 100 and not srv.socket_path.startswith(str(deep))
+        assert stat.S_IMODE(os.stat(os.path.dirname(srv.socket_path)).st_mode) == 0o700
+        assert redis.Redis.from_url(srv.url).ping()
+        sock_dir = os.path.dirname(srv.socket_path)
+    assert not os.path.exists(sock_dir)
