@@ -15,11 +15,12 @@
    no transition.
 4. n-step (`common.nstep`) on clipped rewards, terminal at game over or (with
    ``--episodic-life``) a lost life; raw returns of whole games go to the episode log.
-5. every ``push_every`` steps, push all new frames and transitions in one round
-   trip through the `actors.outbox.ReplayOutbox`, which keeps them (bounded by
-   ``local_buffer`` transitions, oldest dropped and counted) and retries with
-   backoff while the replay is unavailable, the envs running on; after a push,
-   wait (bounded) while ahead of the learner's insert budget.
+5. every ``push_every`` steps, seal all new frames (compressed) and transitions
+   into one push for the `actors.outbox.ReplayOutbox`, whose own thread pushes
+   them (one round trip each, idempotent) and keeps them while the replay is
+   unavailable (bounded by ``local_buffer_mb``, oldest dropped and counted), so
+   the envs never wait on Redis; then wait (bounded) while ahead of the
+   learner's insert budget.
 6. every ``weight_poll_steps`` steps, and after each push, a non-blocking weight
    poll.
 
@@ -54,6 +55,8 @@ from common.weights import WeightSubscriber
 
 log = logging.getLogger(__name__)
 
+DRAIN_S = 10.0  # at the end of `run` and at `close`: seconds to let the pushes finish
+
 
 @dataclass
 class ActorStats:
@@ -61,8 +64,10 @@ class ActorStats:
 
     frames / env_steps / vector_steps: emulator frames (frame skip counted for ALE),
         env steps (all E envs), vector steps
-    transitions_pushed / _dropped / _buffered: acknowledged by Redis / dropped from
-        the full outage buffer / waiting in it (`actors.outbox.OutboxStats`)
+    transitions_pushed / _dropped / _buffered: acknowledged by Redis / dropped (the
+        outage buffer was full, or they were left at close) / waiting in the
+        outbox (`actors.outbox.OutboxStats`); buffered_bytes: the sealed part
+    pushes_duplicate: retried pushes that Redis had stored already
     pushes / pushes_failed / replay_resets / replay_ok: see `OutboxStats`
     weight_version: the policy version acting now; epsilon_min / _max: this actor's
     schedule_frames: where a decaying epsilon schedule stands (restarts included)
@@ -80,7 +85,9 @@ class ActorStats:
     transitions_pushed: int
     transitions_dropped: int
     transitions_buffered: int
+    buffered_bytes: int
     pushes: int
+    pushes_duplicate: int
     pushes_failed: int
     replay_resets: int
     replay_ok: bool
@@ -163,7 +170,11 @@ class ApexActor:
         # the round trip) and throttle (waiting for the insert budget)
         self._time = {"env": 0.0, "inference": 0.0, "other": 0.0}
         self._outbox = ReplayOutbox(
-            replay_url, cfg.replay.codec, a.local_buffer, actor_index, refs=self._held_ids
+            replay_url,
+            cfg.replay.codec,
+            int(a.local_buffer_mb * 2**20),
+            actor_index,
+            refs=self._held_ids,
         )
         self._outbox.connect()
         # Seeds: (run seed, actor index, restart salt). Ray exposes no restart count,
@@ -272,7 +283,8 @@ class ApexActor:
             self._queue(self._pending.complete(self._infer()))
             self._time["inference"] += time.perf_counter() - t0
         self._pending = None
-        self._push(force=True)
+        self._outbox.seal(self.policy_version)
+        self._outbox.drain(DRAIN_S)  # what this run produced, stored unless Redis fails
         return self.stats(reset_episodes=False)
 
     def stop(self) -> None:
@@ -295,7 +307,9 @@ class ApexActor:
                 transitions_pushed=box.pushed,
                 transitions_dropped=box.dropped,
                 transitions_buffered=box.buffered,
+                buffered_bytes=box.buffered_bytes,
                 pushes=box.pushes,
+                pushes_duplicate=box.duplicates,
                 pushes_failed=box.push_failed,
                 replay_resets=box.resets,
                 replay_ok=box.replay_ok,
@@ -336,7 +350,7 @@ class ApexActor:
 
     def close(self) -> None:
         self._env.close()
-        self._outbox.close()
+        self._outbox.close(timeout=DRAIN_S)
 
     # ---- stepping helpers --------------------------------------------------
     def _start_episodes(self) -> None:
@@ -395,8 +409,7 @@ class ApexActor:
             refs.append(self._pending.obs_ids)
         return refs
 
-    def _push(self, force: bool = False) -> None:
-        allowance = self._outbox.flush(self.policy_version, force=force)
-        if allowance is not None:
-            poll = self._poll_weights if self._subscriber is not None else None
-            self._outbox.throttle(allowance, self._stop, poll)
+    def _push(self) -> None:
+        self._outbox.seal(self.policy_version)
+        poll = self._poll_weights if self._subscriber is not None else None
+        self._outbox.throttle(self._stop, poll)

@@ -267,14 +267,15 @@ class ActorConfig:
         "vector steps between checks for newer weights (Ape-X: 400 frames)",
         bound=Bound(1, 10**6, "vector steps between weight checks"),
     )
-    local_buffer: int = _f(
-        50_000,
-        "transitions buffered while the replay is unreachable (oldest dropped)",
+    local_buffer_mb: float = _f(
+        64.0,
+        "MB of compressed pushes an actor keeps while the replay is unreachable "
+        "(oldest dropped, counted)",
         bound=Bound(
-            1,
-            10**6,
-            "transitions an actor keeps in RAM while Redis is down, ~0.4-2 KB each with "
-            "their compressed frames",
+            0.01,
+            65_536,
+            "MB per actor: a Pong transition with its lz4 frame is ~0.4 KB (64 MB: ~150K), "
+            "a busier game's up to ~2 KB",
         ),
     )
 

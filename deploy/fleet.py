@@ -92,6 +92,28 @@ def _cause(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def shard_arguments(
+    cfg: Config,
+    ep: ShardEndpoint,
+    capacity_per_shard: int,
+    identity: ReplayIdentity | None,
+    owner: str | None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of the `replay_server.shard.ReplayShard` behind ``ep``: the
+    one place both fleets (this Ray one and `deploy.inprocess.LocalReplay`) build
+    their shards from, so the two cannot drift apart."""
+    kwargs = {
+        "alpha": cfg.replay.alpha,
+        "codec": cfg.replay.codec,
+        "namespace": ep.namespace,
+        "identity": identity,
+        "seed": cfg.run.seed + ep.index,
+        "autostart": True,
+        "owner": owner,
+    }
+    return (ep.url, capacity_per_shard), kwargs
+
+
 class ReplayFleet:
     """The ``apex-replay-<k>`` shard actors and what the driver needs of them.
 
@@ -113,21 +135,14 @@ class ReplayFleet:
         from replay_server.shard import ReplayShard
 
         cls = ray.remote(num_cpus=0, max_concurrency=8, max_restarts=-1)(ReplayShard)
-        self.handles = [
-            cls.options(
-                name=f"apex-replay-{ep.index}", scheduling_strategy=driver_node_strategy()
-            ).remote(
-                ep.url,
-                capacity_per_shard,
-                alpha=cfg.replay.alpha,
-                codec=cfg.replay.codec,
-                namespace=ep.namespace,
-                identity=identity,
-                autostart=True,
-                owner=owner,
+        self.handles = []
+        for ep in eps:
+            args, kwargs = shard_arguments(cfg, ep, capacity_per_shard, identity, owner)
+            self.handles.append(
+                cls.options(
+                    name=f"apex-replay-{ep.index}", scheduling_strategy=driver_node_strategy()
+                ).remote(*args, **kwargs)
             )
-            for ep in eps
-        ]
         self.links = pair(
             [RemoteShard(h, name=f"replay shard {k}") for k, h in enumerate(self.handles)], eps
         )
@@ -193,6 +208,8 @@ class FleetStats:
 
     frames, env_steps, transitions_pushed, transitions_dropped, pushes_failed:
         this run's totals over all actor processes (restarted ones included)
+    transitions_buffered: waiting in the actors' outboxes now (after `stop`:
+        counted in ``transitions_dropped`` instead, the actors being gone)
     episodes: (raw return, length) finished since the previous poll
     episodes_total, epsilon_min, epsilon_max, actor_weight_versions,
     actor_restarts, replay_resets (writers that registered again)
@@ -203,6 +220,7 @@ class FleetStats:
     transitions_pushed: int = 0
     transitions_dropped: int = 0
     pushes_failed: int = 0
+    transitions_buffered: int = 0
     episodes: list[tuple[float, int]] = field(default_factory=list)
     episodes_total: int = 0
     epsilon_min: float = float("nan")
@@ -352,6 +370,14 @@ class ActorFleet:
         final = self._final_poll()
         for a in self.actors:
             ray.kill(a.handle, no_restart=True)
+        if final.transitions_buffered:
+            log.warning(
+                "%d transitions were still in the actors' outboxes at stop (the replay did "
+                "not take them in time): counted as dropped",
+                final.transitions_buffered,
+            )
+            final.transitions_dropped += final.transitions_buffered
+            final.transitions_buffered = 0
         return final
 
     def _final_poll(self) -> FleetStats:
@@ -378,17 +404,25 @@ class ActorFleet:
     @staticmethod
     def _absorb(a: _ActorState, s: ActorStats) -> list[tuple[float, int]]:
         """Take one stats answer; returns the episodes it reports. A new process
-        (its counters began again, or another seed salt) is a restart."""
+        (its counters began again, or another seed salt) is a restart; the
+        transitions its outbox held at the last poll (up to a poll period old)
+        count as dropped."""
         if a.last is not None and (s.frames < a.last.frames or s.seed_salt != a.last.seed_salt):
             for name in CUMULATIVE:  # the actor restarted: its counters began again
                 a.base[name] += getattr(a.last, name)
+            # what its outbox held at the last poll died with the process: lost
+            a.base["transitions_dropped"] += a.last.transitions_buffered
             a.resets_base += a.last.replay_resets
             a.restarts += 1
         a.last = s
         return list(zip(s.episode_returns, s.episode_lengths, strict=False))
 
     def _totals(self) -> dict[str, int]:
-        return {
+        out = {
             name: sum(a.base[name] + (getattr(a.last, name) if a.last else 0) for a in self.actors)
             for name in CUMULATIVE
         }
+        out["transitions_buffered"] = sum(
+            a.last.transitions_buffered for a in self.actors if a.last
+        )
+        return out

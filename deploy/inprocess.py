@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from common.config import Config
-from deploy.fleet import FleetError, FleetStats
+from deploy.fleet import FleetError, FleetStats, shard_arguments
 from replay_server.endpoints import ShardEndpoint, pair
 from replay_server.loader import LoaderStatus
 from replay_server.protocol import ReplayUnavailable, ShardStats
@@ -156,6 +156,7 @@ class LocalActors:
             transitions_pushed=sum(s.transitions_pushed for s in stats),
             transitions_dropped=sum(s.transitions_dropped for s in stats),
             pushes_failed=sum(s.pushes_failed for s in stats),
+            transitions_buffered=sum(s.transitions_buffered for s in stats),
             episodes=episodes,
             episodes_total=self.episodes_total,
             epsilon_min=self._eps[0],
@@ -173,11 +174,10 @@ class LocalActors:
             a.thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if a.thread.is_alive():
                 log.warning("actor %d did not stop within %.0f s", a.actor.index, timeout)
-        final = self._stats([a.actor.stats(reset_episodes=True) for a in self.actors])
-        for a in self.actors:
+        for a in self.actors:  # each outbox counts what it could not push as dropped
             if not a.thread.is_alive():
                 a.actor.close()
-        return final
+        return self._stats([a.actor.stats(reset_episodes=True) for a in self.actors])
 
 
 class LocalReplay:
@@ -194,20 +194,10 @@ class LocalReplay:
     ) -> None:
         from replay_server.shard import ReplayShard
 
-        self.shards = [
-            ReplayShard(
-                ep.url,
-                capacity_per_shard,
-                alpha=cfg.replay.alpha,
-                codec=cfg.replay.codec,
-                namespace=ep.namespace,
-                identity=identity,
-                seed=cfg.run.seed + ep.index,
-                autostart=True,
-                owner=owner,
-            )
-            for ep in eps
-        ]
+        self.shards = []
+        for ep in eps:
+            args, kwargs = shard_arguments(cfg, ep, capacity_per_shard, identity, owner)
+            self.shards.append(ReplayShard(*args, **kwargs))
         self.links = pair(self.shards, eps)
         self.restarts = 0
         self._first = [s.stats() for s in self.shards]

@@ -21,6 +21,9 @@ Layout of one shard's Redis (``P`` = ``"<namespace>:v<KEY_VERSION>:"``):
                            frame shape, codec, n-step, gamma, actions); a run
                            with other settings is refused (`replay_server.namespace`)
 ``P incarnation``          counter; ``INCR`` gives each writer start a unique id
+``P applied``              hash ``incarnation -> id of its last stored push``: a
+                           push retried after its reply was lost is recognised
+                           and not stored twice (`replay_server.writer`)
 ``P codec``                name of the codec the writers were started with
 ``P dict``                 the zstd dictionary of ``zstd-dict`` frames
 ``P prio``                 snapshot: ``int64 first_slot, int64 next_slot`` then
@@ -67,6 +70,7 @@ class ReplayKeys:
         self.epoch = p + b"epoch"
         self.identity = p + b"identity"
         self.incarnation = p + b"incarnation"
+        self.applied = p + b"applied"
         self.codec = p + b"codec"
         self.dictionary = p + b"dict"
         self.priorities = p + b"prio"
@@ -106,6 +110,7 @@ class ReplayKeys:
             self.epoch: "string",
             self.identity: "hash",
             self.incarnation: "string",
+            self.applied: "hash",
             self.codec: "string",
             self.dictionary: "string",
             self.priorities: "string",

@@ -138,14 +138,16 @@ def redact(url: str) -> str:
     return redact_url(url)
 
 
-def connect(url: str, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, timeout: float = 5.0, reply_timeout: float = 30.0) -> redis.Redis:
     """A ``redis.Redis`` for ``url`` (binary replies) after a successful PING.
 
-    Raises :class:`ReplayUnavailable` (the password never appears in it).
+    timeout: seconds to connect; reply_timeout: seconds to wait for a reply (at
+    least ``timeout``). Raises :class:`ReplayUnavailable` (the password never
+    appears in it).
     """
     try:
         client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout, socket_timeout=max(timeout, 30.0)
+            url, socket_connect_timeout=timeout, socket_timeout=max(timeout, reply_timeout)
         )
         client.ping()
     except (redis.RedisError, OSError, ValueError) as exc:

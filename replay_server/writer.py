@@ -53,19 +53,32 @@ redis.call('SETNX', KEYS[3], ARGV[2])
 return {redis.call('GET', KEYS[1]), redis.call('INCR', KEYS[2])}
 """
 
-# KEYS: epoch, incoming, pushed, budget, incarnation. ARGV: epoch, batch payload,
-# n, the writer's incarnation, then frame key, frame bytes, ... Returns {pushed,
-# budget}, {-1, current epoch} (the data was lost: register again), or {-2, frames
-# that exist} (a frame key is taken: a retry of a push whose reply was lost, or an
-# incarnation handed out twice; nothing is overwritten: register again). A writer
-# whose incarnation is above the counter registered in writes that Redis lost (an
-# older AOF): the counter is raised past it, so no later registration reuses it.
+# KEYS: epoch, incoming, pushed, budget, incarnation, applied. ARGV: epoch, batch
+# payload, n, the writer's incarnation, the push's id, the writer's token (random,
+# per registration), then frame key, frame bytes, ... Returns {pushed, budget};
+# {-3, pushed, budget}: this writer stored this push before (a retry whose first
+# reply was lost): nothing is stored twice; {-1, current epoch}: the data was lost,
+# register again; {-2, frames that exist} or {-2, -1} (the incarnation is another
+# writer's): the incarnation was handed out twice (Redis lost its newest writes):
+# nothing is overwritten, register again. A writer whose incarnation is above the
+# counter registered in writes that Redis lost (an older AOF): the counter is
+# raised past it, so no later registration reuses it. ``applied`` holds
+# "token:last push id" per incarnation; a writer's push ids increase, and a failed
+# push is retried before any later one.
 _PUSH = f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {{-1, redis.call('GET', KEYS[1])}}
 end
+local cur = redis.call('HGET', KEYS[6], ARGV[4])
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  if string.sub(cur, 1, sep - 1) ~= ARGV[6] then return {{-2, -1}} end
+  if tonumber(ARGV[5]) <= tonumber(string.sub(cur, sep + 1)) then
+    return {{-3, tonumber(redis.call('GET', KEYS[3]) or '0'), redis.call('GET', KEYS[4])}}
+  end
+end
 local n = #ARGV
-for i = 5, n, {MSET_ARGS} do
+for i = 7, n, {MSET_ARGS} do
   local keys = {{}}
   for j = i, math.min(i + {MSET_ARGS - 1}, n), 2 do keys[#keys + 1] = ARGV[j] end
   local taken = redis.call('EXISTS', unpack(keys))
@@ -74,10 +87,11 @@ end
 if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(ARGV[4]) then
   redis.call('SET', KEYS[5], ARGV[4])
 end
-for i = 5, n, {MSET_ARGS} do
+for i = 7, n, {MSET_ARGS} do
   redis.call('MSET', unpack(ARGV, i, math.min(i + {MSET_ARGS - 1}, n)))
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[6], ARGV[4], ARGV[6] .. ':' .. ARGV[5])
 return {{redis.call('INCRBY', KEYS[3], ARGV[3]), redis.call('GET', KEYS[4])}}
 """
 
@@ -102,7 +116,13 @@ class ReplayWriter:
     decode both). Thread-safe (one push at a time).
     """
 
-    def __init__(self, url: str, codec: str = "lz4", namespace: str = "apex") -> None:
+    def __init__(
+        self,
+        url: str,
+        codec: str = "lz4",
+        namespace: str = "apex",
+        reply_timeout: float = 30.0,
+    ) -> None:
         self.url = url
         self._where = f"Redis at {redact(url)}"
         self.keys = ReplayKeys(namespace)
@@ -111,11 +131,13 @@ class ReplayWriter:
         self._codec: FrameCodec | None = None
         self._pending: list[np.ndarray] = []  # zstd-dict: frames to train on
         self._lock = threading.Lock()
-        self.client = connect(url)
+        self.client = connect(url, reply_timeout=reply_timeout)
         self._register_script = self.client.register_script(_REGISTER)
         self._push_script = self.client.register_script(_PUSH)
         self.resets = 0  # registrations after the first (data lost, or ids taken)
         self.collisions = 0  # pushes refused because a frame key was taken
+        self.duplicates = 0  # retried pushes found stored already (their reply was lost)
+        self._next_push_id = 0
         self._register()
 
     def _register(self) -> None:
@@ -127,6 +149,7 @@ class ReplayWriter:
             )
         self.epoch: bytes = epoch
         self.incarnation = int(incarnation)
+        self.token = os.urandom(8).hex()  # tells this writer's pushes from another's
         self._codec = None  # a zstd dictionary may have changed with the data
 
     def _frame_codec(self, frames: np.ndarray) -> FrameCodec:
@@ -159,11 +182,18 @@ class ReplayWriter:
         batch: TransitionBatch,
         actor: int,
         policy_version: int,
+        push_id: int | None = None,
+        blobs: list[bytes] | None = None,
     ) -> tuple[int, int | None]:
-        """Store the new frames and queue the batch: ONE pipelined round trip.
+        """Store the new frames and queue the batch: ONE round trip, all or nothing.
 
         frame_ids: int64[m] ids of frames not pushed before; frames: uint8[m, 84, 84].
         batch: transitions referring to these and earlier pushed frames (by id).
+        push_id: the push's id; a retry of a push whose outcome is unknown (its
+        reply was lost) passes the same id and is stored at most once. Ids must
+        increase from push to push (None: the next one). blobs: the frames already
+        encoded (`common.wire.FrameCodec.encode` of this writer's codec); ``frames``
+        is then not used.
         Returns ``(pushed, budget)``: transitions pushed to this shard by all
         writers so far, and the learner's insert budget (None = unlimited); a
         writer with ``pushed > budget`` should wait (see `allowance`).
@@ -173,31 +203,50 @@ class ReplayWriter:
             raise ValueError(
                 f"frame_ids: expected int64[m], got {frame_ids.dtype}{list(frame_ids.shape)}"
             )
-        if frames.dtype != np.uint8 or frames.shape != (len(frame_ids), *FRAME_SHAPE):
+        if blobs is not None:
+            if len(blobs) != len(frame_ids):
+                raise ValueError(f"blobs: expected {len(frame_ids)}, got {len(blobs)}")
+        elif frames.dtype != np.uint8 or frames.shape != (len(frame_ids), *FRAME_SHAPE):
             raise ValueError(
                 f"frames: expected uint8[{len(frame_ids)}, 84, 84], got {frames.dtype}{list(frames.shape)}"
             )
         payload = encode_batch(batch, actor, policy_version, frame_ids)
         k = self.keys
         with self._lock, replay_errors(self._where):
-            args: list[bytes | int] = [self.epoch, payload, len(batch), self.incarnation]
-            if len(frames):
-                blobs = self._frame_codec(frames).encode(frames)
+            if push_id is None:
+                push_id = self._next_push_id
+            self._next_push_id = max(self._next_push_id, int(push_id) + 1)
+            args: list[bytes | int | str] = [
+                self.epoch, payload, len(batch), self.incarnation, int(push_id), self.token
+            ]  # fmt: skip
+            if len(frame_ids):
+                if blobs is None:
+                    blobs = self._frame_codec(frames).encode(frames)
                 for key, blob in zip(k.frames(frame_ids), blobs, strict=True):
                     args += (key, blob)
-            pushed, budget = self._push_script(
-                keys=[k.epoch, k.incoming, k.pushed, k.budget, k.incarnation], args=args
+            reply = self._push_script(
+                keys=[k.epoch, k.incoming, k.pushed, k.budget, k.incarnation, k.applied],
+                args=args,
             )
+            pushed, budget = reply[0], reply[1] if len(reply) > 1 else None
+            if int(pushed) == -3:
+                self.duplicates += 1
+                budget = reply[2] if len(reply) > 2 else None
+                return int(reply[1]), None if budget is None else int(budget)
             if int(pushed) == -2:
                 old_inc = self.incarnation
                 self.resets += 1
                 self.collisions += 1
                 self._register()
+                what = (
+                    f"pushes of another writer under incarnation {old_inc}"
+                    if int(budget) < 0
+                    else f"{int(budget)} of this push's frame ids"
+                )
                 raise ReplayReset(
-                    f"{self._where} already holds {int(budget)} of this push's frame ids "
-                    f"(a retry of a push whose reply was lost, or incarnation {old_inc} "
-                    "handed out twice after Redis lost its newest writes); nothing was "
-                    f"overwritten; registered again as incarnation {self.incarnation}"
+                    f"{self._where} already holds {what} (incarnation {old_inc} was handed "
+                    "out twice after Redis lost its newest writes); nothing was overwritten; "
+                    f"registered again as incarnation {self.incarnation}"
                 )
             if int(pushed) < 0:
                 old = self.epoch
