@@ -1,5 +1,5 @@
 """ReplayOutbox against a real redis-server, without ALE: made-up frames and
-transitions. Network faults go through `tests.netproxy.Proxy`, a real TCP proxy
+transitions. Network faults go through `bench.netproxy.Proxy`, a real TCP proxy
 on loopback; a hung server is a real SIGSTOP."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from common.types import TransitionBatch
 from common.wire import FrameCodec, decode_batch
 from replay_server.keys import ReplayKeys
 from replay_server.redis_proc import EmbeddedRedis
-from tests.netproxy import Proxy
+from bench.netproxy import Proxy
 
 KEYS = ReplayKeys()
 
