@@ -13,11 +13,11 @@ import numpy as np
 import redis
 
 from actors.outbox import THROTTLE_MAX_S, ReplayOutbox
+from bench.netproxy import Proxy
 from common.types import TransitionBatch
 from common.wire import FrameCodec, decode_batch
 from replay_server.keys import ReplayKeys
 from replay_server.redis_proc import EmbeddedRedis
-from bench.netproxy import Proxy
 
 KEYS = ReplayKeys()
 
