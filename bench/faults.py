@@ -5,7 +5,10 @@ faults while it trains: kill -9 of the embedded redis-server (the driver
 restarts it), of the replay shard's process, of an actor's process and of the
 weight store (``apex-weights``; Ray restarts them); then, against a test-owned "external" redis-server: kill -9 and
 a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
-*empty* (its data directory deleted). Prints ONE JSON object:
+*empty* (its data directory deleted); then, against an external redis-server the run
+reaches only through a TCP proxy: a partition that drops every packet for 120 s
+(``--partition-s``) and a SIGSTOP of redis-server for 60 s (``--sigstop-s``), with
+the env frames the actors made meanwhile (``frames_during``). Prints ONE JSON object:
 
 * per fault: ``fault_s`` = how long the injected fault lasted (0 for a kill:
   what follows is the system's own recovery; 10 s down unless ``--outage-s``, 5 s of OOM), and
@@ -22,8 +25,9 @@ Baseline: the same run's updates/s once learning ran and before the first
 fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 (``updates_per_s_after``): a fault must not leave the run slower.
 
-    python bench/faults.py            # both runs, ~4 minutes on 2 cores
+    python bench/faults.py            # the three runs, ~9 minutes on 2 cores
     python bench/faults.py --only embedded
+    python bench/faults.py --only network   # partition 120 s, SIGSTOP 60 s
     python bench/faults.py --only external --outage-s 300   # a 5-minute outage
 
 `TrainingRun` is also the harness of ``tests/test_faults.py``.
@@ -68,12 +72,19 @@ SMALL = [
 ]  # fmt: skip
 PREFETCH, LOADER_WORKERS = 2, 1
 _UPDATES = re.compile(r"\| updates ([0-9.]+)([KMG]?) ")
+_FRAMES = re.compile(r"frames ([0-9.]+)([KMG]?) ")
 _SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
 def parse_updates(line: str) -> int | None:
     """The learner's update count in a progress line (SI-rounded above 1,000)."""
     m = _UPDATES.search(line)
+    return int(float(m.group(1)) * _SCALE[m.group(2)]) if m else None
+
+
+def parse_frames(line: str) -> int | None:
+    """The actors' env frames in a progress line (SI-rounded above 1,000)."""
+    m = _FRAMES.search(line) if line.startswith("[apex] frames") else None
     return int(float(m.group(1)) * _SCALE[m.group(2)]) if m else None
 
 
@@ -99,6 +110,7 @@ class TrainingRun:
         )  # fmt: skip
         self.lines: list[tuple[float, str]] = []
         self.updates = 0
+        self.frames = 0  # the newest progress line's env frames
         self.unavailable = False  # the newest progress line says the replay is down
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -114,6 +126,9 @@ class TrainingRun:
                 if n is not None and line.startswith("[apex] frames"):
                     self.updates = max(self.updates, n)
                     self.unavailable = "replay: unavailable" in line
+                f = parse_frames(line)
+                if f is not None:
+                    self.frames = max(self.frames, f)
 
     def text(self) -> str:
         with self._lock:
@@ -296,6 +311,56 @@ def external_run(
     return run, faults, t_first, state["server"]
 
 
+def network_run(
+    tmp: Path, seconds: float = 150.0, partition_s: float = 40.0, stop_s: float = 35.0
+) -> tuple[TrainingRun, list[dict], float, EmbeddedRedis, Any]:
+    """Network faults between every process of the run and its (external) Redis,
+    which it reaches only through a TCP proxy on loopback (`bench.netproxy.Proxy`):
+    a partition that drops every packet for ``partition_s`` (calls hang until
+    their timeouts), then redis-server SIGSTOPped for ``stop_s``. Each fault also
+    records ``frames_during``: env frames the actors made while it lasted (their
+    env loops do not wait on Redis)."""
+    from bench.netproxy import Proxy
+
+    server = EmbeddedRedis(str(tmp / "network-redis"))
+    proxy = Proxy(server.host, server.port)
+    run = TrainingRun(
+        [*SMALL, "--max-seconds", str(seconds)],
+        tmp / "network",
+        env={"APEX_REDIS_URL": proxy.url_for(server.url)},
+    )
+    run.wait_updates(20, 120, "learning to start")
+    t_first = time.monotonic()
+    during: dict[str, int] = {}
+
+    def hold(name: str, seconds_: float) -> None:
+        f0 = run.frames
+        time.sleep(seconds_)  # the injected fault lasts this long
+        during[name] = run.frames - f0
+
+    def partition() -> None:
+        proxy.mode = "blackhole"
+        try:
+            hold("partition", partition_s)
+        finally:
+            proxy.mode = "pass"
+
+    def sigstop() -> None:
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            hold("sigstop", stop_s)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+    faults = [
+        inject(run, f"network partition {partition_s:g} s (packets dropped)", partition, 240),
+        inject(run, f"redis-server SIGSTOP {stop_s:g} s", sigstop, 240),
+    ]
+    faults[0]["frames_during"] = during["partition"]
+    faults[1]["frames_during"] = during["sigstop"]
+    return run, faults, t_first, server, proxy
+
+
 def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, summary: dict) -> dict:
     keys = (
         "replay_inserted", "transitions_lost", "transitions_dropped_by_actors",
@@ -315,7 +380,13 @@ def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, sum
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("embedded", "external"), help="one of the two runs")
+    ap.add_argument(
+        "--only", choices=("embedded", "external", "network"), help="one of the three runs"
+    )
+    ap.add_argument(
+        "--partition-s", type=float, default=120.0, help="network run: partition length"
+    )
+    ap.add_argument("--sigstop-s", type=float, default=60.0, help="network run: SIGSTOP length")
     ap.add_argument(
         "--outage-s",
         type=float,
@@ -346,6 +417,20 @@ def main() -> None:
                 run.stop()
                 server.stop()
             out["external"] = _report(run, faults, t0, code, summary)
+        if args.only in (None, "network"):
+            run, faults, t0, server, proxy = network_run(
+                tmp,
+                seconds=120.0 + args.partition_s + args.sigstop_s,
+                partition_s=args.partition_s,
+                stop_s=args.sigstop_s,
+            )
+            try:
+                code, summary = run.finish(600)
+            finally:
+                run.stop()
+                proxy.close()
+                server.stop()
+            out["network"] = _report(run, faults, t0, code, summary)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out, indent=2))

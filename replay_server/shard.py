@@ -412,6 +412,7 @@ class ReplayShard:
     def _run(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
+            began = time.monotonic()
             try:
                 if self._last_sweep == 0.0 or (
                     time.monotonic() - self._last_sweep >= self.gc_seconds
@@ -424,7 +425,7 @@ class ReplayShard:
                 if now - self._last_beat >= HEARTBEAT_S:
                     self._beat()
             except ReplayUnavailable as exc:
-                self._note_down(exc)
+                self._note_down(exc, since=began)
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, BACKOFF_MAX_S)
                 continue
@@ -479,11 +480,13 @@ class ReplayShard:
             "this shard stores nothing more"
         )
 
-    def _note_down(self, exc: BaseException) -> None:
+    def _note_down(self, exc: BaseException, since: float | None = None) -> None:
+        """An outage, noticed now; ``since``: when the failed call began (a hang
+        is noticed only when its reply times out, but began before)."""
         self.ingest_errors += 1
         now = time.monotonic()
         if self._down_since is None:
-            self._down_since = now
+            self._down_since = min(now, since) if since is not None else now
             self._down_logged = now
             self.counters["outages"] += 1
             log.warning("replay shard: %s; retrying (the replay keeps its index)", exc)
