@@ -411,6 +411,21 @@ class RunConfig:
             "seeds torch, numpy and ALE, which takes int32 seeds; evaluate seeds env j with seed + j",
         ),
     )
+    track: str = _f(
+        "none",
+        "experiment tracking: wandb syncs the TensorBoard scalars (evaluations included) and "
+        "the run's summary to Weights & Biases (pip install 'apex-dqn[wandb]'; the API key "
+        "comes from $WANDB_API_KEY or 'wandb login', never from a flag)",
+        ("none", "wandb"),
+    )
+    wandb_project: str = _f("apex-dqn", "W&B project of --track wandb")
+    wandb_entity: str = _f("", "W&B team or user of --track wandb; empty: the API key's default")
+    wandb_mode: str = _f(
+        "",
+        "--track wandb: online uploads while training, offline writes the run under "
+        "$WANDB_DIR (default LOGDIR) for a later 'wandb sync'; empty: $WANDB_MODE, else online",
+        ("", "online", "offline"),
+    )
 
 
 @dataclass

@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cfg = config_from_args(args)
+            from learner.tracking import require as require_tracking
+
+            require_tracking(cfg)  # --track wandb without wandb: exit 2, nothing started
             if args.check:
                 from deploy.check import check
 

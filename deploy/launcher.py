@@ -79,6 +79,9 @@ class RunError(RuntimeError):
 def train(cfg: Config, out: Callable[[str], None] = print) -> dict:
     """Run a whole training job; returns the summary dict (also --summary-json)."""
     cfg.validate()
+    from learner.tracking import require as require_tracking
+
+    require_tracking(cfg)  # --track wandb without wandb: stop before anything starts
     try:
         spec = resolve_env(cfg.env.env, cfg.env)
     except UnknownEnvError as exc:
@@ -125,6 +128,7 @@ def _train(
 
     if warning := single_env_warning(cfg.actor, cfg.actor.actors):
         out(f"[apex] warning: {warning}")
+    from learner import tracking
     from replay_server import lease
     from replay_server.endpoints import endpoints
     from replay_server.namespace import ReplayIdentity
@@ -139,6 +143,9 @@ def _train(
     _check_redis_urls(cfg)
     stop = threading.Event()
     with ExitStack() as stack:
+        # first in, last out: the W&B run (--track) patches TensorBoard before _run's
+        # Metrics opens its writer, and ends after every role has stopped
+        tracker = stack.enter_context(tracking.start(cfg, logdir, out))
         backend = stack.enter_context(_redis(cfg, logdir, out))
         eps = endpoints(backend.urls)  # the run's shard endpoints, built once
         owner = lease.Owner.this_run(str(logdir))
@@ -148,6 +155,7 @@ def _train(
             stack.enter_context(_ray(cfg, out))
         stack.enter_context(_signals(stop, out))
         summary = _run(cfg, backend, eps, owner, identity, resume_state, logdir, stop, out)
+        tracker.finish(summary)
     if cfg.run.summary_json:
         Path(cfg.run.summary_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.run.summary_json).write_text(json.dumps(summary, indent=2))

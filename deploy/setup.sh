@@ -32,6 +32,7 @@ stamp=.venv/.apex-dqn-installed
 want=$(cat pyproject.toml | cksum)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing apex-dqn and its dependencies into .venv"
-    "${PIP[@]}" install -e ".[test]"
+    # extras: test (pytest, ruff) and wandb (--track wandb; tests/test_tracking.py runs it offline)
+    "${PIP[@]}" install -e ".[test,wandb]"
     echo "$want" > "$stamp"
 fi
