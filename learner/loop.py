@@ -115,6 +115,10 @@ class TrainLoop:
         self.recent: deque[float] = deque(
             (float(r) for r in base.get("recent_returns", [])), maxlen=RECENT_EPISODES
         )
+        # Prometheus counters count what this process adds, not a resumed run's totals
+        metrics.count_from(
+            {"env_frames": self.base_frames, "updates": learner.updates, "episodes": self.episodes}
+        )
         self.external = RunStatus()
         self.last_step: dict[str, Any] = {}
         self.published_at_update = learner.updates

@@ -1,15 +1,25 @@
-"""Training metrics: TensorBoard scalars and Ray gauges under one list of names.
+"""Training metrics: TensorBoard scalars and Ray metrics under one list of names.
 
 `METRICS` is the single list of metric names (with descriptions) used by the
-training loop, TensorBoard (tag = the name) and Ray (``ray.util.metrics.Gauge``
-named ``apex_<name>``, exported by Ray as ``ray_apex_<name>``). Recording a name
-not in the list is an error, so dashboards and code cannot drift apart.
+training loop, TensorBoard (tag = the name) and Ray (`ray.util.metrics`, under
+the Prometheus name `prometheus_name` gives; Ray exports it with its ``ray_``
+prefix). Recording a name not in the list is an error, so dashboards and code
+cannot drift apart.
+
+Prometheus names follow Prometheus' conventions: a running total (`COUNTERS`) is
+a Ray ``Counter`` named ``apex_<name>_total``, every other name a ``Gauge``
+named ``apex_<name>``; a name in seconds ends in ``_seconds`` (``_s`` and
+``_per_s`` in the TensorBoard names become ``_seconds`` and ``_per_second``).
+So ``env_frames`` is ``ray_apex_env_frames_total``, ``replay_outage_s`` is
+``ray_apex_replay_outage_seconds_total`` and ``publish_latency_s`` is
+``ray_apex_publish_latency_seconds`` in Prometheus.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -57,14 +67,54 @@ METRICS: dict[str, str] = {
     "eval_env_frames": "env frames of training when the last evaluated weights were taken",
 }
 
+# Running totals: Prometheus counters (``ray_apex_<name>_total``). Each is exported
+# as what this process added to it (see `Metrics.count_from`), never backwards.
+COUNTERS: frozenset[str] = frozenset(
+    {
+        "env_frames",
+        "updates",
+        "episodes",
+        "checkpoint_failures",
+        "replay_outages",
+        "replay_outage_s",
+        "transitions_lost",
+        "orphan_frames_collected",
+        "shard_restarts",
+        "actor_restarts",
+        "replay_rejected",
+    }
+)
+
+
+def prometheus_name(name: str) -> str:
+    """The name Ray registers for `name` (Prometheus shows it with Ray's ``ray_``
+    prefix): ``env_frames`` -> ``apex_env_frames_total``, ``publish_latency_s`` ->
+    ``apex_publish_latency_seconds``, ``updates_per_s`` -> ``apex_updates_per_second``."""
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; add it to learner.metrics.METRICS")
+    base = re.sub(r"_s$", "_seconds", re.sub(r"_per_s$", "_per_second", name))
+    return f"apex_{base}_total" if name in COUNTERS else f"apex_{base}"
+
 
 class Metrics:
-    """Writes each scalar to TensorBoard (when ``logdir``) and to a Ray gauge (when
-    ``use_ray`` and Ray is initialised in this process). Not thread-safe.
+    """Writes each scalar to TensorBoard (when ``logdir``) and to a Ray metric (when
+    ``use_ray`` and Ray is initialised in this process): a ``Gauge`` set to the
+    value, or for a running total (`COUNTERS`) a ``Counter`` incremented by what
+    the total grew since the last record. Not thread-safe.
 
     scalar(name, value, step):  one value (step: env frames, the x axis of every plot)
     record(values, step):       several; keys not in `METRICS` raise ValueError,
                                 None / NaN values are skipped
+    count_from(totals):         the totals this process starts from (a resumed
+                                run's checkpoint counters); call before recording
+
+    A Prometheus counter counts from 0 when its process starts, and Prometheus
+    reads a lower value as a restart (``rate`` and ``increase`` rely on it). So a
+    counter here counts only what this process added: a resumed run's counters
+    start at 0, not at its checkpoint's totals (TensorBoard and the progress line
+    keep the whole run's totals). A total that is recorded lower than before (an
+    estimate such as transitions still in flight counted lost, then arriving) is
+    not exported backwards: the counter holds until the total passes it again.
 
     A TensorBoard file that cannot be written (a full disk: its writer thread dies
     with ENOSPC and every later write would raise it) never stops training: the
@@ -81,7 +131,9 @@ class Metrics:
         self._reopen_at = 0.0
         self._open()
         self._use_ray = use_ray
-        self._gauges: dict[str, Any] = {}
+        self._gauges: dict[str, Any] = {}  # name -> Ray Gauge or Counter
+        self._counted: dict[str, float] = {}  # counter name -> the total exported so far
+        self._last: dict[str, float] = {}  # gauge name -> the value it was last set to
 
     def _open(self) -> None:
         if not self.logdir:
@@ -126,15 +178,41 @@ class Metrics:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
         self._tb(lambda w: w.add_scalar(name, float(value), global_step=int(step)))
-        gauge = self._gauge(name)
-        if gauge is not None:
-            gauge.set(float(value))
+        metric = self._ray_metric(name)
+        if metric is None:
+            return
+        if name not in COUNTERS:
+            metric.set(float(value))
+            self._last[name] = float(value)
+            return
+        grown = float(value) - self._counted[name]
+        if grown > 0:
+            metric.inc(grown)
+            self._counted[name] = float(value)
+
+    def count_from(self, totals: dict[str, float | int]) -> None:
+        """Start the counters named in ``totals`` (`COUNTERS`) from these values: the
+        totals a run had before this process (a resumed run's checkpoint counters)
+        are not counted again. Call before the first record of those names."""
+        for name, value in totals.items():
+            if name not in COUNTERS:
+                raise ValueError(f"{name!r} is not a running total (learner.metrics.COUNTERS)")
+            if name in self._gauges:
+                raise RuntimeError(f"count_from({name!r}) after it was recorded")
+            self._counted[name] = float(value)
 
     def record(self, values: dict[str, float | int | None], step: int) -> None:
         for name, value in values.items():
             self.scalar(name, value, step)
+        # Ray (OpenTelemetry underneath) exports a gauge only for a while after it
+        # was set, so one set rarely (an evaluation's score, every few minutes)
+        # would be a dot in Prometheus; every record sets each gauge's last value
+        # again, so a gauge stays a line for as long as the run records anything
+        for name, value in self._last.items():
+            if name not in values:
+                self._gauges[name].set(value)
 
-    def _gauge(self, name: str) -> Any:
+    def _ray_metric(self, name: str) -> Any:
         if not self._use_ray:
             return None
         if name in self._gauges:
@@ -143,11 +221,18 @@ class Metrics:
 
         if not ray.is_initialized():
             return None
-        from ray.util.metrics import Gauge
+        from ray.util.metrics import Counter, Gauge
 
-        gauge = Gauge(f"apex_{name}", description=METRICS[name])
-        self._gauges[name] = gauge
-        return gauge
+        if name in COUNTERS:
+            metric: Any = Counter(prometheus_name(name), description=METRICS[name])
+            # exported from the start, at 0: a count that stays 0 (no restarts) is a
+            # series that says so, not a missing one. Ray's public ``inc`` refuses 0.
+            metric._record(0.0)
+            self._counted.setdefault(name, 0.0)
+        else:
+            metric = Gauge(prometheus_name(name), description=METRICS[name])
+        self._gauges[name] = metric
+        return metric
 
     def flush(self) -> None:
         if self._writer is not None:

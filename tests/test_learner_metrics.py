@@ -1,4 +1,5 @@
-"""Metrics: TensorBoard event files hold the named scalars; Ray gauges; console line."""
+"""Metrics: TensorBoard event files hold the named scalars; Ray gauges and counters;
+console line."""
 
 from __future__ import annotations
 
@@ -58,11 +59,32 @@ def test_without_logdir_or_ray_nothing_is_written(tmp_path) -> None:
     m.close()
 
 
-def test_ray_gauges_named_apex(ray_local) -> None:
+def test_ray_metrics_under_prometheus_names(ray_local) -> None:
+    """Gauges for values, counters for running totals (tests/test_dashboard.py reads
+    them back from the node's Prometheus endpoint)."""
+    from ray.util.metrics import Counter, Gauge
+
     m = Metrics(None, use_ray=True)
     m.record({"loss": 0.5, "updates_per_s": 12.0}, step=10)
-    assert set(m._gauges) == {"loss", "updates_per_s"}
+    # a counter made without counting (Ray sums one name's counters in a process, and
+    # tests/test_dashboard.py reads this process's totals back)
+    m._ray_metric("env_frames")
+    assert set(m._gauges) == {"loss", "updates_per_s", "env_frames"}
     assert m._gauges["loss"].info["name"] == "apex_loss"
+    assert m._gauges["updates_per_s"].info["name"] == "apex_updates_per_second"
+    assert isinstance(m._gauges["loss"], Gauge)
+    assert isinstance(m._gauges["env_frames"], Counter)
+    assert m._gauges["env_frames"].info["name"] == "apex_env_frames_total"
+    with pytest.raises(RuntimeError, match="after it was recorded"):
+        m.count_from({"env_frames": 100})
+    m.close()
+
+
+def test_count_from_takes_running_totals_only() -> None:
+    m = Metrics(None, use_ray=False)
+    with pytest.raises(ValueError, match="'loss' is not a running total"):
+        m.count_from({"loss": 1.0})
+    m.count_from({"env_frames": 1000, "updates": 10})
     m.close()
 
 
