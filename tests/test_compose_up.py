@@ -6,25 +6,32 @@ come from deploy/local-images.sh (no registry needed) unless APEX_BASE_IMAGE and
 REDIS_IMAGE are set in the environment, e.g. to python:3.11-slim-bookworm and
 redis:7 where Docker Hub is reachable.
 
-One compose project (`apextest<pid>`, its own image tag, volumes and network,
-a free dashboard port, a random REDIS_PASSWORD, the developer's `.env`
-ignored) runs through the tests below in order:
+One compose project (`apextest<pid>`, profile `metrics`, its own image tags,
+volumes and network, free dashboard and Prometheus ports, a random Redis
+password in a secret file of its own (REDIS_PASSWORD_FILE), the developer's
+`.env` ignored) runs through the tests below in order:
 
 1. `up --build --scale ray-worker=2` with 2 actors (1 CPU per worker): updates
    grow in ray-head's log, the state API lists apex-actor-0/1 ALIVE on two
    different worker nodes (the head has --num-cpus=0) and the replay shards on
    the head, and the replay's keys are in the `redis` container;
-2. every node's metrics endpoint serves `ray_apex_*`, both healthchecks pass,
-   the redis healthcheck fails with a wrong password, and no process in any
-   container carries the password in its argv;
-3. `docker-compose restart redis` mid-run: updates keep growing;
-4. `docker-compose stop`: every container exits 0, ray-head's log ends with
+2. every node's metrics endpoint serves `ray_apex_*`, the redis, ray-head and
+   prometheus healthchecks pass, redis refuses a client without the password
+   or with a wrong one, the password is at /run/secrets/redis_password in
+   `redis` and `ray-head` only, no process in any container carries it in its
+   argv, and `docker inspect` of every container (environment, command,
+   labels, healthchecks, mounts: the whole JSON) does not hold it;
+3. Prometheus (built from Debian's package) scrapes every Ray node's :8080,
+   answers a query for `ray_apex_updates*` through its published port and
+   serves the Ape-X console page (deploy/prometheus/consoles/apex.html);
+4. `docker-compose restart redis` mid-run: updates keep growing;
+5. `docker-compose stop`: every container exits 0, ray-head's log ends with
    the summary naming the final checkpoint, that checkpoint loads and matches
    the summary, and no file of the run holds the password;
-5. `up` again with --max-seconds 20: the run ends by itself, ray-head exits 0,
+6. `up` again with --max-seconds 20: the run ends by itself, ray-head exits 0,
    the workers follow it and exit 0, redis keeps running.
 
-Teardown removes the project's containers, volumes, network and image tag
+Teardown removes the project's containers, volumes, network and image tags
 (`down -v`, `rmi --no-prune`: the layers stay as build cache) and fails if any
 of them is left. The base images deploy/local-images.sh tags
 (apex-dqn-base:bookworm, apex-dqn-redis:bookworm) stay, like pulled images.
@@ -42,11 +49,13 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,17 +172,27 @@ class Stack:
     def __init__(self, compose: list[str], images: dict[str, str], tmp: Path):
         self.project = f"apextest{os.getpid()}"
         self.image = f"apex-dqn-test-{os.getpid()}:cpu"
+        self.prometheus_image = f"apex-dqn-test-{os.getpid()}:prometheus"
         self.password = secrets.token_urlsafe(18)
         self.dash = _free_port()
+        self.prom = _free_port()
         self.tmp = tmp
         self.timings: dict[str, float] = {}
         env_file = tmp / "empty.env"  # the developer's .env must not leak in
         env_file.write_text("")
+        # As deploy/compose-secrets.sh leaves it: 0644 in a 0700 directory (mkdtemp's).
+        secret_dir = tmp / "secrets"
+        secret_dir.mkdir(mode=0o700)
+        secret = secret_dir / "redis_password"
+        secret.write_text(self.password + "\n")
+        secret.chmod(0o644)
         self.compose_argv = [*compose, "-p", self.project, "--env-file", str(env_file)]
-        self.compose_argv += ["-f", str(COMPOSE_FILE)]
+        self.compose_argv += ["-f", str(COMPOSE_FILE), "--profile", "metrics"]
         settings = {
-            "REDIS_PASSWORD": self.password,
+            "REDIS_PASSWORD_FILE": str(secret),
             "APEX_IMAGE": self.image,
+            "PROMETHEUS_IMAGE": self.prometheus_image,
+            "PROMETHEUS_PORT": str(self.prom),
             "APEX_ACTORS": str(WORKERS),
             "RAY_WORKER_CPUS": "1",
             "APEX_RUN_NAME": RUN_NAME,
@@ -263,8 +282,15 @@ class Stack:
         url = f"http://127.0.0.1:{self.dash}/api/v0/{what}?limit=10000&detail=1"
         return _http_json(url)["data"]["result"]["result"]
 
+    def redis_cli(self, *args: str, password: str | None = None):
+        """redis-cli in the redis container, logged in with the secret file's
+        password (or `password`; "" for none)."""
+        auth = '"$(cat /run/secrets/redis_password)"' if password is None else shlex.quote(password)
+        script = f"REDISCLI_AUTH={auth} redis-cli {shlex.join(args)}"
+        return self.exec("redis", "sh", "-c", script)
+
     def redis_keys(self) -> int:
-        res = self.exec("redis", "redis-cli", "dbsize")  # REDISCLI_AUTH is in its env
+        res = self.redis_cli("dbsize")
         assert res.returncode == 0, f"redis-cli dbsize failed: {res.stdout}{res.stderr}"
         return int(res.stdout.strip())
 
@@ -287,6 +313,7 @@ class Stack:
             ("volume", ["docker", "volume", "ls", "-q", "--filter", label]),
             ("network", ["docker", "network", "ls", "-q", "--filter", label]),
             ("image", ["docker", "images", "-q", self.image]),
+            ("image", ["docker", "images", "-q", self.prometheus_image]),
         ):
             out = subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout
             found += [f"{kind} {x}" for x in out.split()]
@@ -298,8 +325,9 @@ class Stack:
                 "down", "-v", "--remove-orphans", "--timeout", "30", timeout=300, check=False
             )
         subprocess.run(
-            ["docker", "rmi", "--no-prune", self.image], capture_output=True, timeout=120
-        )
+            ["docker", "rmi", "--no-prune", self.image, self.prometheus_image],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
         return self.leftovers()
 
 
@@ -357,7 +385,7 @@ def test_compose_trains_with_actors_on_two_worker_nodes(stack: Stack):
     stack.wait_updates(stack.updates() + 5, 120)
 
 
-def test_compose_metrics_healthchecks_and_no_password_in_argv(stack: Stack):
+def test_compose_metrics_healthchecks_and_password_only_in_the_secret(stack: Stack):
     def metrics() -> str | None:
         text = ""
         for cid in stack.containers("ray-head") + stack.containers("ray-worker"):
@@ -371,22 +399,81 @@ def test_compose_metrics_healthchecks_and_no_password_in_argv(stack: Stack):
 
     _wait_for(metrics, 90, "ray_apex_updates and ray_apex_env_frames on the nodes' :8080/metrics")
 
+    def health(service: str) -> str:
+        return stack.inspect(stack.containers(service)[0])["State"]["Health"]["Status"]
+
     for service in ("redis", "ray-head"):
-        health = stack.inspect(stack.containers(service)[0])["State"]["Health"]["Status"]
-        assert health == "healthy", f"{service} is {health}"
-    check = stack.inspect(stack.containers("redis")[0])["Config"]["Healthcheck"]["Test"]
-    assert check[0] == "CMD-SHELL", check
-    bad = stack.exec("redis", "sh", "-c", check[1], env={"REDISCLI_AUTH": "wrong"})
-    assert bad.returncode != 0, "the redis healthcheck passes with a wrong password"
+        assert health(service) == "healthy", f"{service} is {health(service)}"
+    _wait_for(lambda: health("prometheus") == "healthy", 120, "prometheus to be healthy")
+    assert "PONG" in stack.redis_cli("ping").stdout
+    for wrong in ("", "wrong"):
+        res = stack.redis_cli("ping", password=wrong)
+        assert "PONG" not in res.stdout, f"redis answers PING with password {wrong!r}"
+
+    for service in ("redis", "ray-head", "ray-worker", "prometheus"):
+        cid = stack.containers(service)[0]
+        res = subprocess.run(
+            ["docker", "exec", cid, "cat", "/run/secrets/redis_password"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if service in ("redis", "ray-head"):
+            assert res.returncode == 0 and res.stdout.strip() == stack.password, (service, res)
+        else:
+            assert res.returncode != 0, f"{service} has the Redis secret mounted"
 
     for cid in stack.containers():
         top = subprocess.run(
             ["docker", "top", cid, "-eo", "pid,args"], capture_output=True, text=True, timeout=60
         ).stdout
         assert stack.password not in top, f"the password is in a process's argv:\n{top}"
-        config = stack.inspect(cid)["Config"]
-        argv = " ".join((config.get("Entrypoint") or []) + (config.get("Cmd") or []))
-        assert stack.password not in argv, f"the password is in a container's command: {argv}"
+        info = subprocess.run(
+            ["docker", "inspect", cid], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+        assert stack.password not in info, (
+            f"`docker inspect` of {stack.inspect(cid)['Name']} shows the Redis password"
+        )
+
+
+def test_compose_prometheus_scrapes_every_ray_node(stack: Stack):
+    """Prometheus (the `metrics` profile, Debian's package) finds the Ray nodes
+    through Ray's service-discovery file and scrapes our metrics from them."""
+    base = f"http://127.0.0.1:{stack.prom}/api/v1"
+    nodes = {stack.ip(c) for c in stack.containers("ray-head") + stack.containers("ray-worker")}
+    t0 = time.monotonic()
+
+    def all_up() -> dict | None:
+        with contextlib.suppress(OSError, ValueError):
+            targets = _http_json(f"{base}/targets")["data"]["activeTargets"]
+            up = {
+                t["labels"]["instance"].rsplit(":", 1)[0]
+                for t in targets
+                if t["labels"].get("job") == "ray"
+                and t["labels"]["instance"].endswith(":8080")
+                and t["health"] == "up"
+            }
+            return targets if nodes <= up else None
+        return None
+
+    _wait_for(all_up, 120, f"Prometheus to scrape :8080 on every Ray node {sorted(nodes)}")
+
+    def apex_series() -> list | None:
+        """The update counters and gauges, once one of them is above 0 (the
+        counter is exported at 0 from the driver's start)."""
+        with contextlib.suppress(OSError, ValueError):
+            query = urllib.parse.quote('{__name__=~"ray_apex_updates.*"}')
+            series = _http_json(f"{base}/query?query={query}")["data"]["result"]
+            return series if any(float(s["value"][1]) > 0 for s in series) else None
+        return None
+
+    series = _wait_for(apex_series, 90, "ray_apex_updates* above 0 in Prometheus")
+    assert {s["metric"]["__name__"] for s in series} >= {"ray_apex_updates_total"}, series
+    # The Ape-X console page (deploy/prometheus/consoles) renders on the libraries
+    # from Debian's package.
+    url = f"http://127.0.0.1:{stack.prom}/consoles/apex.html"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        page = r.read().decode(errors="replace")
+    assert r.status == 200 and "Ape-X" in page and "PromConsole.Graph" in page, page[:2000]
+    stack.timings["prometheus_all_nodes_up_s"] = time.monotonic() - t0
 
 
 def test_compose_survives_redis_restart(stack: Stack):
@@ -427,7 +514,7 @@ def test_compose_stop_exits_zero_with_final_checkpoint(stack: Stack):
     for cid in stack.containers():
         info = stack.inspect(cid)
         states[info["Name"].lstrip("/")] = (info["State"]["Status"], info["State"]["ExitCode"])
-    assert len(states) == 2 + WORKERS, f"containers: {states}"
+    assert len(states) == 3 + WORKERS, f"containers: {states}"  # redis, head, workers, prometheus
     bad = {n: s for n, s in states.items() if s != ("exited", 0)}
     assert not bad, f"containers that did not exit 0 on stop: {bad}\n" + "\n".join(
         f"--- {cid}\n{stack.logs(cid)[-2000:]}" for cid in stack.containers()
