@@ -53,8 +53,10 @@ CLUSTER_LOCAL_YAML = REPO / "deploy" / "cluster-local.yaml"
 BIN = Path(sys.executable).parent
 CLI = [sys.executable, "-m", "deploy.cli"]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-# REDIS_PASSWORD for the compose checks (compose requires one; URL-safe).
+# The Redis password for the compose checks (URL-safe), written into a file
+# that stands in for the secret /run/secrets/redis_password.
 TEST_PASSWORD = "test-Pw_0.~"
+SECRET_PATH = "/run/secrets/redis_password"
 
 # Small, fast training settings appended to the parsed driver command (later
 # flags win in argparse, so the compose values stay in the command line).
@@ -236,11 +238,16 @@ def compose_vars(text: str) -> set[str]:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict:
-    """docker-compose.yml with anchors merged and variables at their defaults
-    (REDIS_PASSWORD, which has none, set to TEST_PASSWORD)."""
-    return interpolate(
-        yaml.safe_load(COMPOSE_FILE.read_text()), {"REDIS_PASSWORD": TEST_PASSWORD, **(env or {})}
-    )
+    """docker-compose.yml with anchors merged and variables at their defaults."""
+    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), dict(env or {}))
+
+
+def secret_file(tmp_path: Path, password: str = TEST_PASSWORD) -> Path:
+    """A stand-in for the compose secret (as deploy/compose-secrets.sh leaves it)."""
+    path = tmp_path / f"redis_password.{secrets.token_hex(4)}"
+    path.write_text(password + "\n")
+    path.chmod(0o644)
+    return path
 
 
 def bash_script(service: dict) -> str:
@@ -349,19 +356,28 @@ def _compose_run_config(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_compose_config_is_valid():
     for res, names in zip(
-        _compose_run_config({"REDIS_PASSWORD": TEST_PASSWORD}),
+        _compose_run_config({}),
         ("docker-compose.yml", "docker-compose.yml + deploy/compose.gpu.yml"),
         strict=True,
     ):
         assert res.returncode == 0, f"docker-compose config -q rejects {names}:\n{res.stderr}"
 
 
-def test_compose_refuses_to_start_without_redis_password():
-    for res in _compose_run_config({}):
-        assert res.returncode != 0, "compose accepted a missing REDIS_PASSWORD"
-        assert "set REDIS_PASSWORD in .env" in res.stderr, res.stderr
-    with pytest.raises(MissingVariable, match="REDIS_PASSWORD"):
-        load_compose({"REDIS_PASSWORD": ""})
+def test_compose_redis_password_is_a_secret_file():
+    """The password is the compose secret `redis_password` (a file, see
+    deploy/compose-secrets.sh), mounted in `redis` and `ray-head` only; no
+    compose variable carries it."""
+    raw_text = COMPOSE_FILE.read_text()
+    assert "REDIS_PASSWORD" not in compose_vars(raw_text), "the password must not be a variable"
+    raw = load_compose()
+    assert raw["secrets"] == {"redis_password": {"file": "./deploy/secrets/redis_password"}}
+    assert load_compose({"REDIS_PASSWORD_FILE": "/x/pw"})["secrets"]["redis_password"] == {
+        "file": "/x/pw"
+    }
+    mounted = {name for name, s in raw["services"].items() if s.get("secrets")}
+    assert mounted == {"redis", "ray-head"}, mounted
+    for name in mounted:
+        assert raw["services"][name]["secrets"] == ["redis_password"]
 
 
 def test_compose_file_wiring():
@@ -375,8 +391,7 @@ def test_compose_file_wiring():
     redis = svc["redis"]
     assert redis["image"] == "redis:7"
     assert any(v.endswith(":/data") for v in redis["volumes"]), "AOF must live on a volume"
-    assert redis["environment"]["REDIS_PASSWORD"] == TEST_PASSWORD
-    assert redis["environment"]["REDISCLI_AUTH"] == TEST_PASSWORD, "the healthcheck's redis-cli"
+    assert SECRET_PATH in bash_script(redis) and SECRET_PATH in redis["healthcheck"]["test"][1]
 
     head = svc["ray-head"]
     head_start, driver = head_steps(head)
@@ -386,8 +401,21 @@ def test_compose_file_wiring():
     head_port = int(flag_value(head_argv, "--port") or 6379)
     assert head_port != 6379, "Ray's GCS must not take Redis's port 6379"
     assert driver.split()[:3] == ["exec", "apex-dqn", "train"]
-    url = urlsplit(head["environment"]["APEX_REDIS_URL"])
+    # The driver's URL: built from the secret file, for the driver's process only.
+    script = bash_script(head)
+    m = re.search(r"(pw=\$\(cat \S+ .*?)for try", script)
+    assert m and SECRET_PATH in m.group(1), script
+    url_prefix = re.search(r'(APEX_REDIS_URL="[^"]*") exec apex-dqn', script)
+    assert url_prefix, script
+    res = subprocess.run(
+        ["bash", "-c", f"pw={shlex.quote(TEST_PASSWORD)}; {url_prefix.group(1)}; echo $APEX_REDIS_URL"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    url = urlsplit(res.stdout.strip())
     assert (url.hostname, url.port, url.password) == ("redis", 6379, TEST_PASSWORD), url
+    assert "APEX_REDIS_URL" not in head["environment"], (
+        "the container's env shows in docker inspect"
+    )
     assert any(v.endswith(":/data/runs") for v in head["volumes"])
     assert head["depends_on"]["redis"]["condition"] == "service_healthy"
     assert any(str(p).endswith(":8265") for p in head["ports"])
@@ -434,22 +462,19 @@ def test_compose_stops_driver_first_within_grace():
 
 
 def test_compose_commands_hold_no_password():
-    """The password reaches processes through their environment only: never in
-    a command line (visible in ps and on the Ray dashboard) or a healthcheck."""
-    sentinel = "Sentinel-Pw-1234"
-    svc = load_compose({"REDIS_PASSWORD": sentinel})["services"]
-    for name, s in svc.items():
-        for key in ("command", "entrypoint", "healthcheck"):
-            assert sentinel not in json.dumps(s.get(key)), f"{name}.{key} holds the password"
-    assert any(sentinel in json.dumps(s.get("environment")) for s in svc.values())
+    """The password reaches processes from the secret file only: never through
+    compose (a command line is visible in ps and on the Ray dashboard, an
+    environment in docker inspect); the secret stays out of git and images."""
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".env", ".venv", ".git"} <= set(ignored), ".dockerignore must keep secrets out"
-    assert ".env" in (REPO / ".gitignore").read_text().split()
+    assert {".env", ".venv", ".git", "deploy/secrets"} <= set(ignored), (
+        ".dockerignore must keep secrets out"
+    )
+    assert {".env", "/deploy/secrets/"} <= set((REPO / ".gitignore").read_text().split())
     example = dict(
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
         if "=" in line and not line.lstrip().startswith("#")
     )  # fmt: skip
-    assert example["REDIS_PASSWORD"] in ('""', ""), ".env.example must not ship a password"
+    assert "REDIS_PASSWORD" not in example, ".env.example must not ship a password"
 
 
 def test_compose_driver_command_parses(monkeypatch):
@@ -486,8 +511,8 @@ def compose_redis(tmp_path) -> Iterator[tuple[int, dict[str, str]]]:
     script = script.replace(
         "exec redis-server - --dir /data ",
         f"exec {shlex.quote(exe)} - --dir {tmp_path} --port {port} --bind 127.0.0.1 ",
-    )
-    env = {"PATH": os.environ.get("PATH", ""), **redis["environment"]}
+    ).replace(SECRET_PATH, str(secret_file(tmp_path)))
+    env = {"PATH": os.environ.get("PATH", ""), **redis.get("environment", {})}
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "redis-server")
@@ -516,8 +541,11 @@ def test_compose_redis_command_and_healthcheck(compose_redis, tmp_path):
     test = load_compose()["services"]["redis"]["healthcheck"]["test"]
     assert test[0] == "CMD-SHELL", test
     script = test[1].replace("redis-cli", f"{shlex.quote(cli)} -p {port}", 1)
-    ok = subprocess.run(["sh", "-c", script], env=env, timeout=20)
-    bad = subprocess.run(["sh", "-c", script], env={**env, "REDISCLI_AUTH": "wrong"}, timeout=20)
+    assert SECRET_PATH in script, script
+    good_script = script.replace(SECRET_PATH, str(secret_file(tmp_path)))
+    bad_script = script.replace(SECRET_PATH, str(secret_file(tmp_path, "wrong")))
+    ok = subprocess.run(["sh", "-c", good_script], env=env, timeout=20)
+    bad = subprocess.run(["sh", "-c", bad_script], env=env, timeout=20)
     assert ok.returncode == 0, "the redis healthcheck fails against a healthy server"
     assert bad.returncode != 0, "the redis healthcheck passes with a wrong password"
 
@@ -525,14 +553,20 @@ def test_compose_redis_command_and_healthcheck(compose_redis, tmp_path):
 def test_compose_redis_refuses_a_password_that_breaks_the_url(tmp_path):
     script = bash_script(load_compose()["services"]["redis"])
     script = script.replace("exec redis-server", "exec true")  # stop after the check
-    for pw, rc in (("a/b@c", 2), ("has space", 2), ("Ok-pass_1.~", 0)):
+    for pw, rc in (("a/b@c", 2), ("has space", 2), ("", 2), ("Ok-pass_1.~", 0)):
         res = subprocess.run(
-            ["bash", "-c", script], env={"PATH": os.environ["PATH"], "REDIS_PASSWORD": pw},
-            capture_output=True, text=True, timeout=20,
+            ["bash", "-c", script.replace(SECRET_PATH, str(secret_file(tmp_path, pw)))],
+            env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=20,
         )  # fmt: skip
         assert res.returncode == rc, (pw, res.returncode, res.stderr)
         if rc:
-            assert "REDIS_PASSWORD may hold only" in res.stderr
+            assert "must be non-empty and hold only letters" in res.stderr
+    missing = script.replace(SECRET_PATH, str(tmp_path / "missing"))
+    res = subprocess.run(
+        ["bash", "-c", missing], env={"PATH": os.environ["PATH"]},
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert res.returncode == 2 and "bash deploy/compose-secrets.sh" in res.stderr, res.stderr
 
 
 def test_env_example_documents_every_compose_variable():
@@ -581,6 +615,114 @@ def test_cluster_yaml_passes_ray_validation(path):
         assert workers and all(t["max_workers"] > t["min_workers"] for t in workers)
         setup = " ".join(cfg["head_setup_commands"] + cfg["worker_setup_commands"])
         assert "deploy/setup.sh" in setup, "nodes must install the project the README's way"
+        check_aws_cluster(raw, cfg)
+
+
+def check_aws_cluster(raw: dict, cfg: dict) -> None:
+    """What deploy/cluster.yaml needs beyond Ray's schema (see its comments)."""
+    import fnmatch
+
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]["node_config"]
+    # Workers are launched by the head's autoscaler: EC2 resolves a `resolve:ssm:`
+    # ImageId with the head's role, which must allow ssm:GetParameters on it.
+    profile = head.get("IamInstanceProfile", {}).get("Name")
+    assert profile == "apex-dqn-ray-head", head.get("IamInstanceProfile")
+    assert f"--instance-profile-name {profile}" in (REPO / "docs" / "cluster.md").read_text()
+    policy = json.loads((REPO / "deploy" / "aws" / "head-role-ami-lookup.json").read_text())
+    allowed = [
+        r
+        for st in policy["Statement"]
+        if st["Effect"] == "Allow" and "ssm:GetParameters" in st["Action"]
+        for r in st["Resource"]
+    ]
+    for name, t in types.items():
+        image = t["node_config"]["ImageId"]
+        assert image.startswith(("ami-", "resolve:ssm:/")), f"{name}: ImageId {image}"
+        if image.startswith("resolve:ssm:/"):
+            arn = "arn:aws:ssm:us-west-2::parameter/" + image.removeprefix("resolve:ssm:/")
+            assert any(fnmatch.fnmatchcase(arn, r) for r in allowed), (
+                f"{name}: deploy/aws/head-role-ami-lookup.json does not allow {arn}"
+            )
+        if t["node_config"] is not head:
+            # a worker profile would need iam:PassRole in the head's role
+            assert "IamInstanceProfile" not in t["node_config"], name
+    # apt only through deploy/apt-install.sh (it waits for cloud-init and the locks)
+    commands = cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"]
+    for cmd in commands:
+        assert not re.search(r"\bapt-get\b|\bapt install\b", cmd), f"bare apt in: {cmd}"
+    assert "deploy/apt-install.sh python3-venv" in " ".join(cfg["setup_commands"])
+    # Prometheus/Grafana hosts are read when Ray starts: on the `ray start --head` line
+    starts = cfg["head_start_ray_commands"]
+    i = next(i for i, c in enumerate(starts) if "ray start --head" in c)
+    env = dict(re.findall(r"\b(RAY_\w+)=(\S+)", starts[i].split("ray start", 1)[0]))
+    assert env.get("RAY_PROMETHEUS_HOST") == "http://127.0.0.1:9090", env
+    assert env.get("RAY_GRAFANA_HOST") == "http://127.0.0.1:3000", env
+    assert any("deploy/start-metrics.sh" in c for c in starts[i + 1 :]), "metrics after ray start"
+    doc = (REPO / "docs" / "cluster.md").read_text()
+    for said in ("0.0.0.0/0", "SecurityGroupIds", "RAY_JOB_STOP_WAIT_TIME_S", "--port-forward"):
+        assert said in doc, f"docs/cluster.md must explain {said}"
+
+
+def test_apt_install_waits_for_the_lists_lock(tmp_path):
+    """deploy/apt-install.sh (cluster.yaml's setup) retries `apt-get update` while
+    another process holds apt's lists lock (apt's DPkg::Lock::Timeout does not
+    cover that lock), and fails saying why once its attempts are spent. Real
+    apt-get on a private, empty apt directory (APT_CONFIG): nothing is fetched."""
+    if not shutil.which("apt-get"):
+        pytest.skip("apt-get is not installed (Debian/Ubuntu only)")
+    if os.geteuid() != 0:
+        pytest.skip("apt-get update needs root here (the script uses sudo otherwise)")
+    lists = tmp_path / "lists"
+    for p in (lists / "partial", tmp_path / "cache" / "archives" / "partial", tmp_path / "parts"):
+        p.mkdir(parents=True)
+    (tmp_path / "sources.list").write_text("")
+    conf = tmp_path / "apt.conf"
+    conf.write_text(
+        f'Dir::State::Lists "{lists}";\nDir::Cache "{tmp_path}/cache";\n'
+        f'Dir::Etc::SourceList "{tmp_path}/sources.list";\n'
+        f'Dir::Etc::SourceParts "{tmp_path}/parts";\n'
+    )
+    holder = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o640)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"  # holds the lock until the test closes stdin
+    )
+
+    def run(attempts: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(REPO / "deploy" / "apt-install.sh")],
+            env={**os.environ, "APT_CONFIG": str(conf), "APEX_APT_RETRY_S": "0.5",
+                 "APEX_APT_ATTEMPTS": str(attempts), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    lock = subprocess.Popen(
+        [sys.executable, "-c", holder, str(lists / "lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert lock.stdout.readline().strip() == "held"
+        spent = run(attempts=2)
+        assert spent.returncode == 1, spent
+        assert "Could not get lock" in spent.stderr and "failed 2 times" in spent.stderr, spent
+        waiting = subprocess.Popen(
+            ["bash", str(REPO / "deploy" / "apt-install.sh")],
+            env={**os.environ, "APT_CONFIG": str(conf), "APEX_APT_RETRY_S": "0.5",
+                 "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        # it waits: retries while the lock is held ...
+        first = waiting.stderr.readline()
+        assert "apt-get update failed (attempt 1 of 60)" in first, first
+        assert waiting.poll() is None
+    finally:
+        lock.stdin.close()  # ... and goes on once the holder lets go
+        lock.wait(10)
+    rest = waiting.communicate(timeout=60)[1]
+    assert waiting.returncode == 0, first + rest
 
 
 # -------------------------------------------- ray.cluster_utils: 2 nodes ---
