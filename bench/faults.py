@@ -8,7 +8,9 @@ a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 
 *empty* (its data directory deleted); then, against an external redis-server the run
 reaches only through a TCP proxy: a partition that drops every packet for 120 s
 (``--partition-s``) and a SIGSTOP of redis-server for 60 s (``--sigstop-s``), with
-the env frames the actors made meanwhile (``frames_during``). Prints ONE JSON object:
+the env frames the actors made meanwhile (``frames_during``); last, kill -9 of
+``apex-dqn train`` itself and ``--resume`` to the end (`driver_kill_run`). Prints
+ONE JSON object:
 
 * per fault: ``fault_s`` = how long the injected fault lasted (0 for a kill:
   what follows is the system's own recovery; 10 s down unless ``--outage-s``, 5 s of OOM), and
@@ -25,9 +27,10 @@ Baseline: the same run's updates/s once learning ran and before the first
 fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 (``updates_per_s_after``): a fault must not leave the run slower.
 
-    python bench/faults.py            # the three runs, ~9 minutes on 2 cores
+    python bench/faults.py            # the four runs, ~13 minutes on 2 cores
     python bench/faults.py --only embedded
     python bench/faults.py --only network   # partition 120 s, SIGSTOP 60 s
+    python bench/faults.py --only driver    # kill -9 of the driver, then --resume
     python bench/faults.py --only external --outage-s 300   # a 5-minute outage
 
 `TrainingRun` is also the harness of ``tests/test_faults.py``.
@@ -36,6 +39,7 @@ fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -73,6 +77,7 @@ SMALL = [
 PREFETCH, LOADER_WORKERS = 2, 1
 _UPDATES = re.compile(r"\| updates ([0-9.]+)([KMG]?) ")
 _FRAMES = re.compile(r"frames ([0-9.]+)([KMG]?) ")
+_REPLAY = re.compile(r"\| replay ([0-9.]+)([KMG]?) ")
 _SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}
 
 
@@ -85,6 +90,12 @@ def parse_updates(line: str) -> int | None:
 def parse_frames(line: str) -> int | None:
     """The actors' env frames in a progress line (SI-rounded above 1,000)."""
     m = _FRAMES.search(line) if line.startswith("[apex] frames") else None
+    return int(float(m.group(1)) * _SCALE[m.group(2)]) if m else None
+
+
+def parse_replay(line: str) -> int | None:
+    """The replay's size (transitions) in a progress line (SI-rounded above 1,000)."""
+    m = _REPLAY.search(line) if line.startswith("[apex] frames") else None
     return int(float(m.group(1)) * _SCALE[m.group(2)]) if m else None
 
 
@@ -361,6 +372,85 @@ def network_run(
     return run, faults, t_first, server, proxy
 
 
+def driver_kill_run(
+    tmp: Path, resume_seconds: float = 60.0
+) -> tuple[TrainingRun, TrainingRun, dict[str, Any]]:
+    """kill -9 of ``apex-dqn train`` itself (the default setup: a local Ray and the
+    embedded redis-server, both started by the driver), then ``train --resume
+    LOGDIR/checkpoint.pt`` in the same logdir, to its end. Returns both runs and:
+
+    * ``checkpoint_updates``: the updates of the checkpoint resumed from;
+    * ``killed_at``, ``family``: when, and the killed driver's processes then
+      (`leftovers` says which outlived it);
+    * ``replay_before_kill`` / ``replay_at_resume``: the replay's size in the last
+      progress line before the kill and the first one after the resume (the
+      embedded server reloads its AOF);
+    * ``resume_s``: seconds from starting the resumed run to its first update
+      past the checkpoint's.
+    """
+    logdir = tmp / "driver"
+    ckpt = logdir / "checkpoint.pt"
+    first = TrainingRun([*SMALL, "--checkpoint-minutes", "0.2", "--max-seconds", "900"], logdir)
+    first.wait_updates(20, 120, "learning to start")
+    first.wait_for(ckpt.exists, 120, "the first periodic checkpoint")
+
+    def replay_sizes(run: TrainingRun) -> list[int]:
+        with run._lock:
+            return [n for _, line in run.lines if (n := parse_replay(line)) is not None]
+
+    # a replay far bigger than what the actors insert while the resumed run starts
+    first.wait_for(lambda: max(replay_sizes(first), default=0) >= 8000, 180, "8K transitions")
+    family = psutil.Process(first.proc.pid).children(recursive=True)
+    sizes = replay_sizes(first)
+    os.kill(first.proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    first.proc.wait()
+    # the embedded server (SIGTERM from the kernel when its parent dies: it
+    # flushes its AOF) must be gone before the resumed run takes its data dir
+    servers = [p for p in family if p.name() in ("redis-server", "valkey-server")]
+    psutil.wait_procs(servers, timeout=60)
+    import torch
+
+    checkpoint_updates = int(torch.load(ckpt, weights_only=True)["updates"])
+    t0 = time.monotonic()
+    second = TrainingRun(["--resume", str(ckpt), "--max-seconds", str(resume_seconds)], logdir)
+    t1 = second.wait_updates(checkpoint_updates, 240, "the resumed run's first update")
+    resumed = replay_sizes(second)
+    return (
+        first,
+        second,
+        {
+            "fault": "kill -9 of apex-dqn train, then --resume",
+            "checkpoint_updates": checkpoint_updates,
+            "killed_at": killed_at,
+            "family": family,
+            "replay_before_kill": sizes[-1] if sizes else None,
+            "replay_at_resume": resumed[0] if resumed else None,
+            "resume_s": round(t1 - t0, 2),
+        },
+    )
+
+
+def leftovers(info: dict[str, Any], within_s: float = 120.0) -> tuple[list[str], float]:
+    """The processes of `driver_kill_run`'s killed driver still alive ``within_s``
+    after the kill (then killed), and the seconds until the last of the others
+    exited. Ray's processes share the driver's fate, but Ray's dashboard and
+    runtime-env agents take ~60-70 s: they report the raylet's death to the GCS,
+    which died with it, and wait for that call to time out."""
+    family: list[psutil.Process] = info["family"]
+    deadline = info["killed_at"] + within_s
+    while time.monotonic() < deadline and any(p.is_running() for p in family):
+        time.sleep(0.5)
+    gone_s = time.monotonic() - info["killed_at"]
+    left = []
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running():
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+                p.kill()
+    return left, round(gone_s, 1)
+
+
 def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, summary: dict) -> dict:
     keys = (
         "replay_inserted", "transitions_lost", "transitions_dropped_by_actors",
@@ -381,7 +471,9 @@ def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, sum
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--only", choices=("embedded", "external", "network"), help="one of the three runs"
+        "--only",
+        choices=("embedded", "external", "network", "driver"),
+        help="one of the four runs",
     )
     ap.add_argument(
         "--partition-s", type=float, default=120.0, help="network run: partition length"
@@ -431,6 +523,22 @@ def main() -> None:
                 proxy.close()
                 server.stop()
             out["network"] = _report(run, faults, t0, code, summary)
+        if args.only in (None, "driver"):
+            first, second, info = driver_kill_run(tmp)
+            try:
+                code, summary = second.finish(300)
+                left, gone_s = leftovers(info)
+            finally:
+                first.stop()
+                second.stop()
+            del info["family"], info["killed_at"]
+            out["driver"] = {
+                **info,
+                "processes_left": left,
+                "processes_gone_s": gone_s,
+                "exit_code": code,
+                **{k: summary.get(k) for k in ("updates", "frames", "transitions_lost")},
+            }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out, indent=2))

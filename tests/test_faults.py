@@ -8,7 +8,7 @@ updates more than at the fault, so at least one batch was sampled after it), and
 each run must end by itself (``--max-seconds``) with exit status 0 and a summary
 whose counters match what was injected.
 
-About 2 x 1.5 minutes on 2 cores (marker ``e2e``: in the default suite, not in the
+About 7 minutes on 2 cores in all (marker ``e2e``: in the default suite, not in the
 fast tier).
 """
 
@@ -102,3 +102,32 @@ def test_run_survives_a_network_partition_and_a_stopped_redis(tmp_path):
     # was dropped, and a hang loses no acknowledged write
     assert s["transitions_dropped_by_actors"] == 0 and s["transitions_lost"] == 0, s
     assert "Traceback" not in log
+
+
+def test_a_killed_driver_leaves_nothing_behind_and_resume_continues_its_run(tmp_path):
+    """kill -9 of ``apex-dqn train`` itself, mid-run: its local Ray and its embedded
+    redis-server go with it (nothing of the run is left two minutes later), and
+    ``train --resume LOGDIR/checkpoint.pt`` in the same logdir takes the logdir
+    lock and the replay's lease over, reloads the replay from the AOF, continues
+    from the checkpoint's counters and ends by itself (``bench/faults.py --only
+    driver`` measures the same)."""
+    from bench.faults import driver_kill_run, leftovers
+
+    first, second, info = driver_kill_run(tmp_path, resume_seconds=40)
+    try:
+        code, s = second.finish(timeout=240)
+        left, _ = leftovers(info, within_s=120)  # Ray's agents take ~70 s
+    finally:
+        first.stop()
+        second.stop()
+    log = second.text()
+    assert left == [], left  # Ray's processes and redis-server share the driver's fate
+    assert code == 0, log[-4000:]
+    assert "Traceback" not in log and "Traceback" not in first.text()
+    # the replay came back from the embedded server's AOF, not refilled: the
+    # resumed run's first progress line shows (nearly) the size it had, far more
+    # than 2 actors x 4 envs insert in the second before it
+    assert info["replay_before_kill"] and info["replay_at_resume"], info
+    assert info["replay_at_resume"] >= 0.9 * info["replay_before_kill"] > 5000, info
+    assert s["updates"] > info["checkpoint_updates"] + RECOVERED, (s, info)
+    assert s["replay_resets"] == 0 and s["transitions_lost_by_redis"] == 0, s
