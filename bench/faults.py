@@ -3,9 +3,12 @@
 Runs `apex-dqn train` (Pong, small settings) as a subprocess and injects real
 faults while it trains: kill -9 of the embedded redis-server (the driver
 restarts it), of the replay shard's process, of an actor's process and of the
-weight store (``apex-weights``; Ray restarts them); then, against a test-owned "external" redis-server: kill -9 and
-a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for 5 s, and a restart
-*empty* (its data directory deleted); then, against an external redis-server the run
+weight store (``apex-weights``; Ray restarts them); then, against a test-owned
+"external" redis-server: a second run started on the live replay (refused), kill -9
+and a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for
+5 s, ``READONLY`` for 5 s (``REPLICAOF`` a dead master), its newest writes lost
+(killed, its AOF cut back ~10 s mid-record, restarted), and a restart *empty* (its
+data directory deleted); then, against an external redis-server the run
 reaches only through a TCP proxy: a partition that drops every packet for 120 s
 (``--partition-s``) and a SIGSTOP of redis-server for 60 s (``--sigstop-s``), with
 the env frames the actors made meanwhile (``frames_during``); last, kill -9 of
@@ -27,7 +30,7 @@ Baseline: the same run's updates/s once learning ran and before the first
 fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 (``updates_per_s_after``): a fault must not leave the run slower.
 
-    python bench/faults.py            # the four runs, ~13 minutes on 2 cores
+    python bench/faults.py            # the four runs, ~14 minutes on 2 cores
     python bench/faults.py --only embedded
     python bench/faults.py --only network   # partition 120 s, SIGSTOP 60 s
     python bench/faults.py --only driver    # kill -9 of the driver, then --resume
@@ -45,6 +48,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -277,7 +281,12 @@ def embedded_run(tmp: Path, seconds: float = 100.0) -> tuple[TrainingRun, list[d
 def external_run(
     tmp: Path, seconds: float = 110.0, outage_s: float = 10.0
 ) -> tuple[TrainingRun, list[dict], float, EmbeddedRedis]:
-    """Faults of a Redis the run does not own: down for ``outage_s``, OOM, back empty."""
+    """Faults of a Redis the run does not own, in this order: a second run started
+    against the live replay (refused: its entry holds its exit code and output);
+    down for ``outage_s``; OOM for 5 s; READONLY for 5 s (the server made a
+    replica of a master that never answers); its newest writes lost (redis-server
+    killed and its AOF cut back ~10 s, mid-record: Redis loads a truncated AOF,
+    ``aof-load-truncated``); back empty."""
     import redis
 
     data = tmp / "external-redis"
@@ -290,6 +299,15 @@ def external_run(
     state = {"server": server}
     run.wait_updates(20, 120, "learning to start")
     t_first = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "train", *SMALL, "--logdir", str(tmp / "second")],
+        cwd=REPO,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+        | {"APEX_REDIS_URL": server.url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     def down() -> None:
         srv = state["server"]
@@ -308,6 +326,40 @@ def external_run(
         admin.config_set("maxmemory", 0)
         admin.close()
 
+    def readonly_5s() -> None:
+        with socket.socket() as sock:  # a port nobody answers on: the master never syncs
+            sock.bind(("127.0.0.1", 0))
+            dead = sock.getsockname()[1]
+        admin = redis.Redis.from_url(state["server"].admin_url)
+        admin.execute_command("REPLICAOF", "127.0.0.1", dead)
+        t = time.monotonic()
+        try:
+            run.wait_line(r"replay: unavailable", 30, after=t)
+            time.sleep(max(0.0, 5.0 - (time.monotonic() - t)))  # the refusal lasts ~5 s
+        finally:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+            admin.close()
+
+    cut: dict[str, int] = {}
+
+    def lose_newest_writes() -> None:
+        aof = _incr_aof(data)
+        size = aof.stat().st_size
+        time.sleep(10)  # the writes to lose
+        if _incr_aof(data) != aof:  # rewritten meanwhile: start over on the new file
+            aof = _incr_aof(data)
+            size = aof.stat().st_size
+            time.sleep(10)
+        state["server"].kill()
+        t = time.monotonic()
+        cut["bytes"] = aof.stat().st_size - size - 7
+        with open(aof, "r+b") as fh:  # 7 bytes into the first lost record
+            fh.truncate(size + 7)
+        state["server"].restart()
+        # the restart takes ~0.1 s, the learner goes on from prefetched batches:
+        # wait for the shard to find the loss before the next fault can mask it
+        run.wait_line(r"Redis lost its newest writes", 60, after=t)
+
     def back_empty() -> None:
         old = state["server"]
         old.kill()
@@ -315,11 +367,30 @@ def external_run(
         state["server"] = EmbeddedRedis(str(data), port=old.port, password=old.password)
 
     faults = [
+        {
+            "fault": "a second run started on the live replay",
+            "exit_code": second.returncode,
+            "output": (second.stdout + second.stderr)[-2000:],
+        },
         inject(run, f"redis-server down {outage_s:g} s (external)", down),
         inject(run, "OOM for 5 s (maxmemory)", oom_5s),
+        inject(run, "READONLY for 5 s (REPLICAOF a master that never answers)", readonly_5s),
+        inject(run, "newest writes lost (AOF cut back 10 s, mid-record)", lose_newest_writes),
         inject(run, "redis-server back empty (data lost)", back_empty, timeout=180),
     ]
+    faults[4]["aof_bytes_lost"] = cut.get("bytes")
     return run, faults, t_first, state["server"]
+
+
+def _incr_aof(data: Path) -> Path:
+    """The server's newest incremental AOF file (the manifest's ``type i`` entry)."""
+    manifest = next(data.rglob("appendonly.aof.manifest"))
+    names = [
+        line.split()[1]
+        for line in manifest.read_text().splitlines()
+        if line.split()[-2:] == ["type", "i"]
+    ]
+    return manifest.parent / names[-1]
 
 
 def network_run(
@@ -401,13 +472,13 @@ def driver_kill_run(
     # a replay far bigger than what the actors insert while the resumed run starts
     first.wait_for(lambda: max(replay_sizes(first), default=0) >= 8000, 180, "8K transitions")
     family = psutil.Process(first.proc.pid).children(recursive=True)
+    # the embedded server (SIGTERM from the kernel when its parent dies: it
+    # flushes its AOF) must be gone before the resumed run takes its data dir
+    servers = first.descendants("redis-server")
     sizes = replay_sizes(first)
     os.kill(first.proc.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     first.proc.wait()
-    # the embedded server (SIGTERM from the kernel when its parent dies: it
-    # flushes its AOF) must be gone before the resumed run takes its data dir
-    servers = [p for p in family if p.name() in ("redis-server", "valkey-server")]
     psutil.wait_procs(servers, timeout=60)
     import torch
 
@@ -501,7 +572,7 @@ def main() -> None:
             out["embedded"] = _report(run, faults, t0, code, summary)
         if args.only in (None, "external"):
             run, faults, t0, server = external_run(
-                tmp, seconds=100.0 + args.outage_s, outage_s=args.outage_s
+                tmp, seconds=130.0 + args.outage_s, outage_s=args.outage_s
             )
             try:
                 code, summary = run.finish(300)

@@ -8,7 +8,7 @@ updates more than at the fault, so at least one batch was sampled after it), and
 each run must end by itself (``--max-seconds``) with exit status 0 and a summary
 whose counters match what was injected.
 
-About 7 minutes on 2 cores in all (marker ``e2e``: in the default suite, not in the
+About 8 minutes on 2 cores in all (marker ``e2e``: in the default suite, not in the
 fast tier).
 """
 
@@ -41,8 +41,11 @@ def test_run_survives_its_redis_server_shard_actor_and_weight_store_being_killed
     assert s["updates"] >= faults[-1]["updates_at_fault"] + RECOVERED
     assert s["replay_resets"] == 0 and s["replay_rejected"] == 0, s
     # kill -9 of redis-server may lose what it had acknowledged but not yet
-    # written (appendfsync everysec); actors' buffers never overflowed here.
-    assert s["transitions_dropped_by_actors"] == 0, s
+    # written (appendfsync everysec). The killed actor's outbox (what it had not
+    # pushed yet: a push or two) is counted dropped, and counted lost; no outbox
+    # overflowed (that would be thousands: the bound is 64 MB per actor).
+    assert 0 <= s["transitions_dropped_by_actors"] < 1000, s
+    assert s["transitions_lost"] >= s["transitions_dropped_by_actors"], s
     assert s["transitions_lost"] == s["transitions_lost_by_redis"] < 2_000, s
     assert "Traceback" not in log
     # the weight store came back: the actors act with weights published after it
@@ -52,8 +55,15 @@ def test_run_survives_its_redis_server_shard_actor_and_weight_store_being_killed
     assert s["actor_restarts"] == 1, s
 
 
-def test_run_survives_an_external_redis_down_full_and_back_empty(tmp_path):
-    run, faults, _, server = external_run(tmp_path, seconds=80)
+def test_run_survives_an_external_redis_down_full_readonly_losing_writes_and_back_empty(
+    tmp_path,
+):
+    """Against a Redis the run does not own (`bench.faults.external_run`): a second
+    run started on the live replay is refused (exit 2, naming this run's logdir);
+    down 10 s; OOM 5 s; READONLY 5 s; its newest writes lost (AOF cut back ~10 s,
+    mid-record): the shard finds its index ahead of Redis, reloads and counts the
+    lost transitions; back empty: a reset, counted."""
+    run, faults, _, server = external_run(tmp_path, seconds=110)
     try:
         code, s = run.finish(timeout=300)
     finally:
@@ -61,10 +71,17 @@ def test_run_survives_an_external_redis_down_full_and_back_empty(tmp_path):
         server.stop()
     log = run.text()
     assert code == 0, log[-4000:]
+    second = faults[0]
+    assert second["exit_code"] == 2, second
+    assert "in use by another run" in second["output"], second
+    assert str(tmp_path / "external") in second["output"], second  # names the holder
     assert "replay: unavailable" in log  # said in the progress line
     assert s["replay_resets"] == 1 and s["transitions_lost_in_resets"] > 0, s
-    assert s["replay_outages"] >= 2, s  # down for 10 s, refusing writes for 5 s
-    assert s["replay_outage_s"] >= 10, s
+    assert s["replay_outages"] >= 4, s  # down 10 s, OOM 5 s, READONLY 5 s, killed
+    assert s["replay_outage_s"] >= 20, s
+    assert faults[4]["aof_bytes_lost"] > 0, faults
+    assert s["transitions_lost_by_redis"] > 0, s  # counted, not silent
+    assert s["replay_malformed"] == 0, s
     assert s["redis_restarts"] == 0 and s["shard_restarts"] == 0, s
     assert s["updates"] >= faults[-1]["updates_at_fault"] + RECOVERED
     assert s["transitions_dropped_by_actors"] == 0, s
