@@ -77,6 +77,7 @@ SMALL = [
     "--prefetch", "2",
     "--log-every", "1",
     "--publish-seconds", "1",
+    "--eval-every-minutes", "0",  # no evaluator (nor a final evaluation): faults only
 ]  # fmt: skip
 PREFETCH, LOADER_WORKERS = 2, 1
 _UPDATES = re.compile(r"\| updates ([0-9.]+)([KMG]?) ")

@@ -131,7 +131,7 @@ def test_a_killed_driver_leaves_nothing_behind_and_resume_continues_its_run(tmp_
     driver`` measures the same)."""
     from bench.faults import driver_kill_run, leftovers
 
-    first, second, info = driver_kill_run(tmp_path, resume_seconds=40)
+    first, second, info = driver_kill_run(tmp_path, resume_seconds=25)
     try:
         code, s = second.finish(timeout=240)
         left, _ = leftovers(info, within_s=120)  # Ray's agents take ~70 s
