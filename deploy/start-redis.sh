@@ -17,6 +17,17 @@
 # Everything it writes is private to the user: the state directory is 0700, the
 # config, password, URL, log and AOF files 0600, even when they existed before.
 #
+# Memory: `maxmemory` (APEX_REDIS_MAXMEMORY, default half of this machine's
+# RAM) with `noeviction`, as the embedded server: a full Redis refuses writes
+# with OOM, which the replay treats as an outage, before the kernel's OOM killer
+# picks a process. The AOF is rewritten (one fork) only when it has doubled and
+# holds at least `maxmemory`.
+#
+# Supervised: redis-server runs in the foreground under deploy/redis-supervisor.sh
+# (setsid, so it outlives the SSH session of `ray up`), which restarts it on the
+# same config and AOF when it dies (kill -9, OOM kill, crash), and leaves it
+# down when it stopped on purpose (SIGTERM or SHUTDOWN).
+#
 # Writes $APEX_STATE_DIR/redis-url (redis://apex:<password>@<host>:<port>/0) for
 # deploy/cluster-train.sh, which hands it to apex-dqn in APEX_REDIS_URL (never in
 # argv). The password is generated once and kept in $APEX_STATE_DIR/redis-password.
@@ -26,6 +37,10 @@
 #                    this node's first address (hostname -I)
 #   APEX_REDIS_BIND  addresses to listen on; default: APEX_REDIS_HOST (127.0.0.1 is
 #                    always added). Firewall the port: only cluster nodes need it.
+#   APEX_REDIS_MAXMEMORY  Redis's memory limit: bytes, or 512mb, 8gb, ... (Redis
+#                    units); default half of MemTotal. Size it from the replay:
+#                    ~550 B per transition (2M: ~1.1 GB), a few times that for
+#                    games whose frames compress worse (docs/sizing.md).
 set -euo pipefail
 umask 077
 state=${APEX_STATE_DIR:-$HOME/.apex-dqn}
@@ -42,6 +57,27 @@ case " $bind " in
         echo "[start-redis] warning: APEX_REDIS_BIND=$bind listens on every interface; the password and protected mode still apply, but keep port $port firewalled" >&2
         ;;
 esac
+# Redis's size units, in bytes (k = 1000, kb = 1024, ...).
+to_bytes() {
+    local v=${1,,} n unit
+    [[ $v =~ ^([0-9]+)(k|kb|m|mb|g|gb)?$ ]] || return 1
+    n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]}
+    case $unit in
+        "") echo "$n" ;;
+        k) echo $((n * 1000)) ;; kb) echo $((n << 10)) ;;
+        m) echo $((n * 1000000)) ;; mb) echo $((n << 20)) ;;
+        g) echo $((n * 1000000000)) ;; gb) echo $((n << 30)) ;;
+    esac
+}
+if [ -n "${APEX_REDIS_MAXMEMORY:-}" ]; then
+    maxmemory=$(to_bytes "$APEX_REDIS_MAXMEMORY") && [ "$maxmemory" -ge $((8 << 20)) ] || {
+        echo "[start-redis] APEX_REDIS_MAXMEMORY=$APEX_REDIS_MAXMEMORY: give a size of at least 8mb, in bytes or with a Redis unit (512mb, 8gb); ~550 B per replay transition" >&2
+        exit 2
+    }
+else
+    maxmemory=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) * 1024 / 2 ))
+fi
+rewrite_min=$(( maxmemory > (64 << 20) ? maxmemory : (64 << 20) ))
 mkdir -p "$state/redis"
 chmod 700 "$state" "$state/redis"
 for f in redis-password redis-admin-password; do
@@ -65,15 +101,24 @@ user admin on #$admin_hash ~* &* +@all
 dir $state/redis
 appendonly yes
 appendfsync everysec
+aof-load-truncated yes
+auto-aof-rewrite-percentage 100
+auto-aof-rewrite-min-size $rewrite_min
 save ""
+maxmemory $maxmemory
 maxmemory-policy noeviction
-daemonize yes
+daemonize no
 pidfile $pidfile
 logfile $state/redis.log
 CONF
 chmod 600 "$conf.new"
-if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "[start-redis] already running (pid $(cat "$pidfile"))"
+supfile="$state/redis-supervisor.pid"
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+if alive "$supfile" || alive "$pidfile"; then
+    echo "[start-redis] already running (pid $(cat "$pidfile" 2>/dev/null || echo '?'))"
+    if ! alive "$supfile"; then
+        echo "[start-redis] warning: it is not supervised (an older start-redis.sh started it daemonized); restart it to supervise it: kill \$(cat $pidfile) && bash $0" >&2
+    fi
     if ! cmp -s "$conf.new" "$conf" 2>/dev/null; then
         echo "[start-redis] warning: it runs an older $conf; restart it to apply the new one: kill \$(cat $pidfile) && bash $0" >&2
     fi
@@ -90,12 +135,15 @@ else
         echo "[start-redis] no redis-server found: install apex-dqn (bash deploy/setup.sh) or apt-get install redis-server" >&2
         exit 1
     fi
-    "$bin" "$conf"
-    for _ in $(seq 50); do
-        [ -s "$pidfile" ] && break
+    rm -f "$pidfile"
+    # The supervisor (deploy/redis-supervisor.sh): its own session, no terminal.
+    setsid nohup bash "$(dirname "$0")/redis-supervisor.sh" "$bin" "$conf" "$supfile" \
+        "$state/redis.log" < /dev/null >> "$state/redis.log" 2>&1 &
+    for _ in $(seq 100); do
+        alive "$pidfile" && break
         sleep 0.1
     done
-    echo "[start-redis] redis-server $("$bin" --version | awk '{print $3}') on ${bind// /,} port $port (pid $(cat "$pidfile" 2>/dev/null || echo '?'))"
+    echo "[start-redis] redis-server $("$bin" --version | awk '{print $3}') on ${bind// /,} port $port (pid $(cat "$pidfile" 2>/dev/null || echo '?'), supervised by pid $(cat "$supfile" 2>/dev/null || echo '?')), maxmemory $maxmemory bytes"
 fi
 # Files from before (an older script, another umask) become private too.
 find "$state" -type d -exec chmod 700 {} +

@@ -2,15 +2,18 @@
 given private address and loopback only, wants its password, refuses the replay's
 user CONFIG, MODULE, FLUSHALL and the other dangerous commands, and every file it
 keeps is 0600 in a 0700 directory, even files an older version left
-world-readable (~2 s)."""
+world-readable; a supervisor restarts it after kill -9 and leaves it down after
+SIGTERM; maxmemory with noeviction makes a full server refuse writes (~8 s)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,89 @@ def test_start_redis_binds_the_private_address_not_every_interface(state):
         with socket.socket() as s:
             s.settimeout(2)
             assert s.connect_ex((other, port)) != 0, f"redis answers on {other}"
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll ``condition()`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = condition()
+        if got:
+            return got
+        time.sleep(0.05)
+    pytest.fail(f"not within {timeout:.0f} s: {what}")
+
+
+def pid_of(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def test_start_redis_is_supervised_and_bounded_in_memory(state):
+    """kill -9 of the server: the supervisor brings it back on its AOF; a full
+    server refuses writes with OOM (maxmemory + noeviction) instead of growing;
+    SIGTERM stops it for good (~5 s)."""
+    port = free_port()
+    res = run_script(state, port, APEX_REDIS_HOST="127.0.0.1", APEX_REDIS_MAXMEMORY="16mb")
+    assert res.returncode == 0, res.stderr
+    assert "maxmemory 16777216 bytes" in res.stdout
+    supervisor = pid_of(state / "redis-supervisor.pid")
+    first = pid_of(state / "redis.pid")
+    assert supervisor and first and supervisor != first
+    url = (state / "redis-url").read_text().strip()
+    admin_pw = (state / "redis-admin-password").read_text().strip()
+    admin = redis.Redis(port=port, username="admin", password=admin_pw)
+    assert admin.config_get("maxmemory") == {"maxmemory": str(16 << 20)}
+    assert admin.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+
+    client = redis.Redis.from_url(url)
+    client.set("apex:kept", "before the kill")
+    admin.bgrewriteaof()  # the key on disk, whatever appendfsync's timing
+    wait_for(
+        lambda: (
+            admin.info("persistence")["aof_rewrite_in_progress"] == 0
+            and admin.info("persistence")["aof_rewrite_scheduled"] == 0
+        ),
+        30,
+        "the AOF rewrite",
+    )
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(
+        lambda: (p := pid_of(state / "redis.pid")) not in (None, first) and p,
+        30,
+        "redis-server restarted by its supervisor after kill -9",
+    )
+    assert pid_of(state / "redis-supervisor.pid") == supervisor
+
+    def answers():
+        try:
+            return client.get("apex:kept")
+        except redis.ConnectionError:
+            return None
+
+    assert wait_for(answers, 30, "the restarted server answering") == b"before the kill"
+    assert "exited 137: restarting it" in (state / "redis.log").read_text()
+
+    with pytest.raises(redis.ResponseError, match="maxmemory"):  # OOM: refused, not grown
+        for i in range(64):
+            client.set(f"apex:fill:{i}", b"x" * (1 << 20))
+    assert admin.info("memory")["used_memory"] <= (16 << 20) + (2 << 20)
+    admin.close()
+    client.close()
+
+    os.kill(second, signal.SIGTERM)  # stopped on purpose: stays down
+    wait_for(lambda: pid_of(state / "redis-supervisor.pid") is None, 30, "the supervisor's exit")
+    assert pid_of(state / "redis.pid") is None
+    assert "stopped on purpose (exit 0): not restarted" in (state / "redis.log").read_text()
+
+
+@pytest.mark.parametrize("value", ["0", "5", "lots", "8tb"])
+def test_start_redis_refuses_a_bad_memory_limit(state, value):
+    res = run_script(state, free_port(), APEX_REDIS_HOST="127.0.0.1", APEX_REDIS_MAXMEMORY=value)
+    assert res.returncode == 2
+    assert f"APEX_REDIS_MAXMEMORY={value}: give a size of at least 8mb" in res.stderr
+    assert not (state / "redis.pid").exists()
