@@ -283,10 +283,10 @@ class Stack:
         return _http_json(url)["data"]["result"]["result"]
 
     def redis_cli(self, *args: str, password: str | None = None):
-        """redis-cli in the redis container, logged in with the secret file's
-        password (or `password`; "" for none)."""
+        """redis-cli in the redis container, logged in as the replay's user `apex`
+        with the secret file's password (or `password`; "" for none)."""
         auth = '"$(cat /run/secrets/redis_password)"' if password is None else shlex.quote(password)
-        script = f"REDISCLI_AUTH={auth} redis-cli {shlex.join(args)}"
+        script = f"REDISCLI_AUTH={auth} redis-cli --user apex {shlex.join(args)}"
         return self.exec("redis", "sh", "-c", script)
 
     def redis_keys(self) -> int:
@@ -406,6 +406,13 @@ def test_compose_metrics_healthchecks_and_password_only_in_the_secret(stack: Sta
         assert health(service) == "healthy", f"{service} is {health(service)}"
     _wait_for(lambda: health("prometheus") == "healthy", 120, "prometheus to be healthy")
     assert "PONG" in stack.redis_cli("ping").stdout
+    memory = dict(
+        line.split(":", 1)
+        for line in stack.redis_cli("info", "memory").stdout.split()
+        if ":" in line
+    )
+    assert int(memory["maxmemory"]) > 0 and memory["maxmemory_policy"] == "noeviction", memory
+    assert "NOPERM" in stack.redis_cli("flushall").stdout  # the replay's user: no @dangerous
     for wrong in ("", "wrong"):
         res = stack.redis_cli("ping", password=wrong)
         assert "PONG" not in res.stdout, f"redis answers PING with password {wrong!r}"

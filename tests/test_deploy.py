@@ -501,8 +501,9 @@ def test_compose_driver_command_parses(monkeypatch):
 
 
 @pytest.fixture
-def compose_redis(tmp_path) -> Iterator[tuple[int, dict[str, str]]]:
-    """The `redis` service's command, run by bash on a free loopback port."""
+def compose_redis(tmp_path, request) -> Iterator[tuple[int, dict[str, str]]]:
+    """The `redis` service's command, run by bash on a free loopback port, with
+    REDIS_MAXMEMORY set to the test's indirect parameter (default 64mb)."""
     redis = load_compose()["services"]["redis"]
     script = bash_script(redis)
     exe = redis_server_bin()
@@ -512,7 +513,11 @@ def compose_redis(tmp_path) -> Iterator[tuple[int, dict[str, str]]]:
         "exec redis-server - --dir /data ",
         f"exec {shlex.quote(exe)} - --dir {tmp_path} --port {port} --bind 127.0.0.1 ",
     ).replace(SECRET_PATH, str(secret_file(tmp_path)))
-    env = {"PATH": os.environ.get("PATH", ""), **redis.get("environment", {})}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        **redis.get("environment", {}),
+        "REDIS_MAXMEMORY": getattr(request, "param", "64mb"),
+    }
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "redis-server")
@@ -527,13 +532,28 @@ def test_compose_redis_command_and_healthcheck(compose_redis, tmp_path):
     import redis as redis_py
 
     port, env = compose_redis
-    assert redis_py.Redis(port=port, password=TEST_PASSWORD).ping()
-    with pytest.raises(redis_py.AuthenticationError):
-        redis_py.Redis(port=port).ping()
-    client = redis_py.Redis(port=port, password=TEST_PASSWORD)
-    assert client.config_get("appendonly")["appendonly"] == "yes"
-    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
-    assert client.config_get("dir")["dir"] == str(tmp_path)
+    client = redis_py.Redis(port=port, username="apex", password=TEST_PASSWORD)
+    assert client.ping()
+    for default_user in ({}, {"password": TEST_PASSWORD}):  # the default user is off
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(port=port, **default_user).ping()
+    # the embedded server's ACL: the apex: keys only, no @dangerous command
+    client.set("apex:k", "v")
+    with pytest.raises(redis_py.exceptions.NoPermissionError):
+        client.set("other:k", "v")
+    for command in (
+        ("CONFIG", "GET", "dir"),
+        ("FLUSHALL",),
+        ("DEBUG", "SLEEP", "0"),
+        ("KEYS", "*"),
+    ):
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            client.execute_command(*command)
+    assert client.info("persistence")["aof_enabled"] == 1
+    memory = client.info("memory")
+    assert memory["maxmemory_policy"] == "noeviction"
+    assert memory["maxmemory"] == 64 << 20  # REDIS_MAXMEMORY=64mb (the fixture's)
+    assert any(p.name.startswith("appendonly") for p in tmp_path.iterdir())  # --dir
 
     cli = redis_cli_bin()
     if cli is None:
@@ -548,6 +568,20 @@ def test_compose_redis_command_and_healthcheck(compose_redis, tmp_path):
     bad = subprocess.run(["sh", "-c", bad_script], env=env, timeout=20)
     assert ok.returncode == 0, "the redis healthcheck fails against a healthy server"
     assert bad.returncode != 0, "the redis healthcheck passes with a wrong password"
+
+
+@pytest.mark.parametrize("compose_redis", [""], indirect=True)
+def test_compose_redis_memory_defaults_to_half_the_ram(compose_redis):
+    import redis as redis_py
+
+    port, _ = compose_redis
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    client = redis_py.Redis(port=port, username="apex", password=TEST_PASSWORD)
+    assert client.info("memory")["maxmemory"] == mem_kb * 1024 // 2
 
 
 def test_compose_redis_refuses_a_password_that_breaks_the_url(tmp_path):
