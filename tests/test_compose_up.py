@@ -18,9 +18,11 @@ password in a secret file of its own (REDIS_PASSWORD_FILE), the developer's
 2. every node's metrics endpoint serves `ray_apex_*`, the redis, ray-head and
    prometheus healthchecks pass, redis refuses a client without the password
    or with a wrong one, the password is at /run/secrets/redis_password in
-   `redis` and `ray-head` only, no process in any container carries it in its
-   argv, and `docker inspect` of every container (environment, command,
-   labels, healthchecks, mounts: the whole JSON) does not hold it;
+   `redis` and `ray-head` only, the state API refuses a request without Ray's
+   token (token auth is on by default) and answers one with it, no process in
+   any container carries the password or the token in its argv, and `docker
+   inspect` of every container (environment, command, labels, healthchecks,
+   mounts: the whole JSON) holds neither;
 3. Prometheus (built from Debian's package) scrapes every Ray node's :8080,
    answers a query for `ray_apex_updates*` through its published port and
    serves the Ape-X console page (deploy/prometheus/consoles/apex.html);
@@ -55,6 +57,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -129,8 +132,9 @@ def _progress_updates(log: str) -> list[float]:
     return [_si(n, u) for n, u in re.findall(r"\| updates ([\d.]+)([KMG]?) \(", log)]
 
 
-def _http_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def _http_json(url: str, timeout: float = 5.0, token: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -174,6 +178,7 @@ class Stack:
         self.image = f"apex-dqn-test-{os.getpid()}:cpu"
         self.prometheus_image = f"apex-dqn-test-{os.getpid()}:prometheus"
         self.password = secrets.token_urlsafe(18)
+        self.token = secrets.token_hex(32)
         self.dash = _free_port()
         self.prom = _free_port()
         self.tmp = tmp
@@ -186,10 +191,14 @@ class Stack:
         secret = secret_dir / "redis_password"
         secret.write_text(self.password + "\n")
         secret.chmod(0o644)
+        token = secret_dir / "ray_auth_token"
+        token.write_text(self.token + "\n")
+        token.chmod(0o644)
         self.compose_argv = [*compose, "-p", self.project, "--env-file", str(env_file)]
         self.compose_argv += ["-f", str(COMPOSE_FILE), "--profile", "metrics"]
         settings = {
             "REDIS_PASSWORD_FILE": str(secret),
+            "RAY_AUTH_TOKEN_FILE": str(token),
             "APEX_IMAGE": self.image,
             "PROMETHEUS_IMAGE": self.prometheus_image,
             "PROMETHEUS_PORT": str(self.prom),
@@ -198,7 +207,6 @@ class Stack:
             "APEX_RUN_NAME": RUN_NAME,
             "APEX_TRAIN_ARGS": TRAIN_ARGS,
             "RAY_DASHBOARD_PORT": str(self.dash),
-            "RAY_AUTH_MODE": "disabled",
             **images,
         }
         self.env = {
@@ -280,7 +288,7 @@ class Stack:
 
     def state(self, what: str) -> list[dict]:
         url = f"http://127.0.0.1:{self.dash}/api/v0/{what}?limit=10000&detail=1"
-        return _http_json(url)["data"]["result"]["result"]
+        return _http_json(url, token=self.token)["data"]["result"]["result"]
 
     def redis_cli(self, *args: str, password: str | None = None):
         """redis-cli in the redis container, logged in as the replay's user `apex`
@@ -428,16 +436,27 @@ def test_compose_metrics_healthchecks_and_password_only_in_the_secret(stack: Sta
         else:
             assert res.returncode != 0, f"{service} has the Redis secret mounted"
 
+    # Ray's token auth is on by default: the state API refuses a request without it
+    url = f"http://127.0.0.1:{stack.dash}/api/v0/actors?limit=1"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _http_json(url)
+    assert refused.value.code == 401, refused.value
+    assert _http_json(url, token=stack.token)["data"]["result"]["result"] is not None
+
     for cid in stack.containers():
         top = subprocess.run(
             ["docker", "top", cid, "-eo", "pid,args"], capture_output=True, text=True, timeout=60
         ).stdout
         assert stack.password not in top, f"the password is in a process's argv:\n{top}"
+        assert stack.token not in top, f"Ray's token is in a process's argv:\n{top}"
         info = subprocess.run(
             ["docker", "inspect", cid], capture_output=True, text=True, timeout=60, check=True
         ).stdout
         assert stack.password not in info, (
             f"`docker inspect` of {stack.inspect(cid)['Name']} shows the Redis password"
+        )
+        assert stack.token not in info, (
+            f"`docker inspect` of {stack.inspect(cid)['Name']} shows Ray's auth token"
         )
 
 

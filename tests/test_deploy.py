@@ -363,21 +363,34 @@ def test_compose_config_is_valid():
         assert res.returncode == 0, f"docker-compose config -q rejects {names}:\n{res.stderr}"
 
 
-def test_compose_redis_password_is_a_secret_file():
-    """The password is the compose secret `redis_password` (a file, see
-    deploy/compose-secrets.sh), mounted in `redis` and `ray-head` only; no
-    compose variable carries it."""
+def test_compose_secrets_are_files():
+    """The Redis password and Ray's auth token are compose secrets (files, see
+    deploy/compose-secrets.sh): the password mounted in `redis` and `ray-head`
+    only, the token in the Ray containers only (read through
+    RAY_AUTH_TOKEN_PATH, token auth on by default); no compose variable or
+    environment entry carries either."""
     raw_text = COMPOSE_FILE.read_text()
     assert "REDIS_PASSWORD" not in compose_vars(raw_text), "the password must not be a variable"
+    assert "RAY_AUTH_TOKEN" not in compose_vars(raw_text), "the token must not be a variable"
     raw = load_compose()
-    assert raw["secrets"] == {"redis_password": {"file": "./deploy/secrets/redis_password"}}
-    assert load_compose({"REDIS_PASSWORD_FILE": "/x/pw"})["secrets"]["redis_password"] == {
-        "file": "/x/pw"
+    assert raw["secrets"] == {
+        "redis_password": {"file": "./deploy/secrets/redis_password"},
+        "ray_auth_token": {"file": "./deploy/secrets/ray_auth_token"},
     }
-    mounted = {name for name, s in raw["services"].items() if s.get("secrets")}
-    assert mounted == {"redis", "ray-head"}, mounted
-    for name in mounted:
-        assert raw["services"][name]["secrets"] == ["redis_password"]
+    moved = load_compose({"REDIS_PASSWORD_FILE": "/x/pw", "RAY_AUTH_TOKEN_FILE": "/x/tok"})
+    assert moved["secrets"]["redis_password"] == {"file": "/x/pw"}
+    assert moved["secrets"]["ray_auth_token"] == {"file": "/x/tok"}
+    mounted = {name: s.get("secrets") for name, s in raw["services"].items() if s.get("secrets")}
+    assert mounted == {
+        "redis": ["redis_password"],
+        "ray-head": ["redis_password", "ray_auth_token"],
+        "ray-worker": ["ray_auth_token"],
+    }, mounted
+    for name in ("ray-head", "ray-worker"):
+        env = raw["services"][name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", f"{name}: token auth must be the default"
+        assert env["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token"
+        assert "RAY_AUTH_TOKEN" not in env, f"{name}: the token must not be in the environment"
 
 
 def test_compose_file_wiring():
