@@ -47,6 +47,7 @@ class RunMonitor:
         self.error: BaseException | None = None
         self.fleet: Any = None
         self.shards: list[Any] = []
+        self.drained = False  # `final` ran: the actors stopped, the shards drained
 
     def poll(self) -> RunStatus:
         from deploy.fleet import FleetError
@@ -92,7 +93,8 @@ class RunMonitor:
         )
 
     def final(self) -> None:
-        """Last figures after the actors stopped and the shards drained."""
+        """Last figures after the actors stopped and the shards drained; from here
+        on, pushes Redis acknowledged that no shard received count as lost."""
         try:
             self.shards = [s for s in self.replay.stats(timeout=5.0) if s is not None]
         except Exception as exc:  # noqa: BLE001 - the summary uses the last figures
@@ -101,40 +103,18 @@ class RunMonitor:
             self.fleet.actor_restarts = max(
                 self.fleet.actor_restarts, sum(a.restarts for a in self.actors.actors)
             )
+        self.drained = True
 
     def _faults(self) -> dict[str, Any]:
-        """What faults cost in this run (replay counters as differences from its start)."""
-        shards = self.shards
-        base = {i: b for i, b in enumerate(self.replay.baseline()) if b is not None}
-
-        def delta(name: str) -> int:
-            return sum(
-                getattr(s, name) - getattr(base.get(i, s), name) for i, s in enumerate(shards)
-            )
-
-        f = self.fleet
-        dropped = f.transitions_dropped if f else 0
-        lost = delta("lost")
-        unaccounted = 0
-        if f is not None and len(base) == len(shards):
-            unaccounted = max(0, f.transitions_pushed - delta("received"))
-        return {
-            "replay_outages": delta("outages"),
-            "replay_outage_s": round(
-                sum(s.outage_s - base.get(i, s).outage_s for i, s in enumerate(shards)), 1
-            ),
-            "transitions_lost": dropped + lost + unaccounted,
-            "transitions_dropped_by_actors": dropped,
-            "transitions_lost_by_redis": lost + unaccounted,
-            "replay_resets": delta("resets"),
-            "transitions_lost_in_resets": delta("lost_in_resets"),
-            "orphan_frames_collected": delta("orphans_collected"),
-            "replay_rejected": delta("rejected"),
-            "replay_malformed": delta("malformed"),
-            "shard_restarts": self.replay.restarts,
-            "actor_restarts": f.actor_restarts if f else 0,
-            "redis_restarts": self.backend.restarts,
-        }
+        """What faults cost in this run (`fault_counts` of the last figures)."""
+        return fault_counts(
+            self.fleet,
+            self.shards,
+            self.replay.baseline(),
+            drained=self.drained,
+            shard_restarts=self.replay.restarts,
+            redis_restarts=self.backend.restarts,
+        )
 
     def summary(self) -> dict[str, Any]:
         f, shards = self.fleet, self.shards
@@ -145,3 +125,52 @@ class RunMonitor:
             "actor_weight_versions": f.actor_weight_versions if f else [],
             **self._faults(),
         }
+
+
+def fault_counts(
+    fleet: Any,
+    shards: list[Any],
+    baseline: list[Any],
+    drained: bool,
+    shard_restarts: int = 0,
+    redis_restarts: int = 0,
+) -> dict[str, Any]:
+    """What faults cost in this run: the shards' counters (`ShardStats`) as
+    differences from ``baseline`` (the same shards' stats at the run's start; None
+    for a shard that had none), with the actors' totals (`FleetStats`, or None).
+
+    ``transitions_lost`` = dropped by the actors + lost by Redis, where lost by
+    Redis also holds, once the shards have ``drained``, the pushes Redis
+    acknowledged that no shard ever received (lost with Redis's newest writes
+    while still in a shard's incoming list). Before that the difference is
+    mostly pushes in flight (up to one push per actor, 400 transitions at the
+    defaults), and `transitions_lost` is a Prometheus counter that never goes
+    back, so it is left out.
+    """
+    base = {i: b for i, b in enumerate(baseline) if b is not None}
+
+    def delta(name: str) -> int:
+        return sum(getattr(s, name) - getattr(base.get(i, s), name) for i, s in enumerate(shards))
+
+    dropped = fleet.transitions_dropped if fleet else 0
+    lost = delta("lost")
+    unaccounted = 0
+    if drained and fleet is not None and len(base) == len(shards):
+        unaccounted = max(0, fleet.transitions_pushed - delta("received"))
+    return {
+        "replay_outages": delta("outages"),
+        "replay_outage_s": round(
+            sum(s.outage_s - base.get(i, s).outage_s for i, s in enumerate(shards)), 1
+        ),
+        "transitions_lost": dropped + lost + unaccounted,
+        "transitions_dropped_by_actors": dropped,
+        "transitions_lost_by_redis": lost + unaccounted,
+        "replay_resets": delta("resets"),
+        "transitions_lost_in_resets": delta("lost_in_resets"),
+        "orphan_frames_collected": delta("orphans_collected"),
+        "replay_rejected": delta("rejected"),
+        "replay_malformed": delta("malformed"),
+        "shard_restarts": shard_restarts,
+        "actor_restarts": fleet.actor_restarts if fleet else 0,
+        "redis_restarts": redis_restarts,
+    }

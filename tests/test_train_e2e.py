@@ -93,6 +93,14 @@ def test_pong_60s_two_actors_then_evaluate(tmp_path):
     progress = [line for line in res.stdout.splitlines() if "frames/s" in line]
     assert len(progress) >= 5
     assert not no_stray_processes(logdir)
+    # a healthy run loses nothing, also not for a moment: pushes in flight are not
+    # losses (TensorBoard's series, like the Prometheus counter, saw every value)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(logdir / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()
+    lost = [e.value for e in tb.Scalars("transitions_lost")]
+    assert lost and max(lost) == 0 and summary["transitions_lost"] == 0, lost
 
     videos = tmp_path / "videos"
     ev = cli(
