@@ -1,4 +1,5 @@
-"""deploy/compose-secrets.sh: the compose Redis password file.
+"""deploy/compose-secrets.sh: the compose secret files (the Redis password and
+Ray's auth token).
 
 The script runs from a copy in a temporary "repository" (it works relative to
 its own directory), so the real deploy/secrets is never touched. Runtime: < 1 s.
@@ -87,4 +88,23 @@ def test_checks_a_file_given_in_redis_password_file(fake_repo, tmp_path):
     (fake_repo / ".env").write_text(f'REDIS_PASSWORD_FILE="{pw}"\n')
     res = run(fake_repo)
     assert res.returncode == 0 and str(pw) in res.stderr, res.stderr
-    assert not (fake_repo / "deploy" / "secrets").exists()
+    assert not (fake_repo / "deploy" / "secrets" / "redis_password").exists()
+
+
+def test_creates_a_ray_token_once_and_checks_one_given(fake_repo, tmp_path):
+    res = run(fake_repo)
+    assert res.returncode == 0, res.stderr
+    token = fake_repo / "deploy" / "secrets" / "ray_auth_token"
+    value = token.read_text()
+    assert len(value) == 64 and int(value, 16) >= 0, value  # 32 random bytes, hex
+    assert mode(token) == 0o644 and mode(token.parent) == 0o700
+    assert value not in res.stdout + res.stderr, "the script printed the token"
+    assert run(fake_repo).returncode == 0 and token.read_text() == value  # kept
+    token.write_text("has space\n")
+    res = run(fake_repo)
+    assert res.returncode == 2 and "other than letters" in res.stderr, res.stderr
+    token.unlink()
+    mine = tmp_path / "tok"
+    res = run(fake_repo, RAY_AUTH_TOKEN_FILE=str(mine))
+    assert res.returncode == 2 and f"RAY_AUTH_TOKEN_FILE={mine} does not exist" in res.stderr
+    assert not mine.exists() and not token.exists()
