@@ -9,11 +9,18 @@
   random steps, ``bench.synthetic.pong_frames``).
 * ``make_pong_actor`` (function): factory for ``bench.synthetic.SyntheticActor``,
   closed after the test.
+* ``tmpfs`` (function): ``tmpfs(size)`` mounts a real tmpfs of that size (``"16m"``)
+  under the test's tmp dir and returns it; unmounted after the test; the test is
+  skipped, saying why, where no tmpfs can be mounted (not root).
+* ``fill_disk(disk)``: writes a filler file until ENOSPC and returns it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +80,41 @@ def make_pong_actor():
     yield make
     for a in made:
         a.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(disk: Path) -> Path:
+    """Write a filler file until the disk is full (ENOSPC); returns it."""
+    filler = disk / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: nothing left to flush at close
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with pytest.raises(OSError):  # really full: not even a small file fits
+        (disk / "probe").write_bytes(b"x" * 65536)
+    (disk / "probe").unlink(missing_ok=True)
+    return filler

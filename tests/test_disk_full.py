@@ -9,12 +9,9 @@ mounted (not root).
 
 from __future__ import annotations
 
-import errno
 import os
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,43 +19,15 @@ from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
 from learner.loop import TrainLoop
 from learner.metrics import Metrics
+from tests.conftest import fill_disk
 from tests.test_learner_loop import Harness, catch_transitions, make_cfg  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a filler file until the disk is full (ENOSPC); returns it."""
-    filler = disk / "filler"
-    chunk = b"\0" * (1 << 20)
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    with pytest.raises(OSError):  # really full: not even a small file fits
-        (disk / "probe").write_bytes(b"x" * 65536)
-    (disk / "probe").unlink(missing_ok=True)
-    return filler
+def small_disk(tmpfs):
+    return tmpfs("128m")
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
@@ -98,7 +67,7 @@ def test_a_full_disk_stops_checkpoints_not_training(small_disk, catch_transition
     try:
         ckpt = small_disk / "checkpoint.pt"
         wait_for(ckpt.exists, what="the first checkpoint")
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         good = load_checkpoint(ckpt)["counters"]["updates"]
         wait_for(lambda: loop.checkpoint_failures >= 2, what="two failed checkpoints")
         assert thread.is_alive(), "training stopped on a full disk"
@@ -141,7 +110,7 @@ def test_a_full_disk_skips_best_pt_and_evals_jsonl_and_goes_on(small_disk):
         log=lines.append,
         clock=clock,
     )
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     clock.t += 60.0
     ev.step(1, 100, 10, 60.0, snapshot(learner, 100))
     record = wait_for_record(ev)

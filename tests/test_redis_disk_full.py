@@ -11,10 +11,7 @@ mounted.
 
 from __future__ import annotations
 
-import errno
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,39 +22,15 @@ from replay_server.protocol import ReplayUnavailable
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayWriter
+from tests.conftest import fill_disk
 
 KEYS = ReplayKeys()
 IDENTITY = ReplayIdentity("ALE/Pong-v5", 6, "lz4", 3, 0.99)
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """A filler file written until ENOSPC; returns it."""
-    filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
+def small_disk(tmpfs):
+    return tmpfs("16m")
 
 
 def n_frames(client: redis.Redis) -> int:
@@ -81,7 +54,7 @@ def test_a_full_disk_under_redis_is_an_outage_that_loses_nothing(
             acked += len(batch)
         assert shard.ingest() > 0
 
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         # Redis notices at its next AOF write: pushes until one is refused. One or
         # two may still be acknowledged (in memory, their AOF write pending).
         refused = None
