@@ -138,6 +138,7 @@ class ReplayShard:
         gc_seconds: float = 600.0,
         autostart: bool = False,
         owner: str | None = None,
+        reply_timeout: float = 30.0,
     ) -> None:
         self.index = ReplayIndex(
             capacity, alpha, identity.num_actions if identity else MAX_ACTIONS, seed
@@ -149,6 +150,7 @@ class ReplayShard:
         self.codec = codec
         self.identity = identity
         self.owner = owner
+        self.reply_timeout = float(reply_timeout)  # a call with no reply by then: an outage
         self.lease_lost = False  # another run took the replay over (see `_beat`)
         self.snapshot_seconds = float(snapshot_seconds)
         self.gc_seconds = float(gc_seconds)
@@ -191,8 +193,10 @@ class ReplayShard:
     def ingest(self, max_batches: int = 64) -> int:
         """Move up to max_batches pushes from the incoming list into the replay.
 
-        Returns the number of transitions stored. Raises `ReplayUnavailable`
-        (nothing changed anywhere: the same pushes are read again next time).
+        Returns the number of transitions stored. Raises `ReplayUnavailable`: the
+        index is unchanged and the same pushes are read again next time (if the
+        round's MULTI did reach Redis before its reply was lost, the next round
+        finds Redis's ``next_slot`` ahead of the index and reloads).
         """
         with self._ingest_lock:
             self._ensure_ready()
@@ -227,8 +231,8 @@ class ReplayShard:
             try:
                 with replay_errors(self._where):
                     pipe.execute()
-            except redis.WatchError:
-                raise self._taken_over() from None
+            except redis.WatchError as exc:
+                raise self._watch_failed(exc) from None
             finally:
                 pipe.reset()
             self.index.apply(plan)
@@ -456,15 +460,31 @@ class ReplayShard:
     def _watch_lease(self, pipe: redis.client.Pipeline) -> None:
         """Make the round's MULTI conditional on the lease: WATCH it, check it is
         this run's (or free: then the MULTI takes it again), and start the MULTI."""
-        with replay_errors(self._where):
-            pipe.watch(self.keys.owner)
-            held = pipe.get(self.keys.owner)
+        try:
+            with replay_errors(self._where):
+                pipe.watch(self.keys.owner)
+                held = pipe.get(self.keys.owner)
+        except redis.WatchError as exc:
+            raise self._watch_failed(exc) from None
         if held is not None and held != self.owner.encode():
             pipe.reset()
             raise self._taken_over()
         pipe.multi()
         if held is None:  # it expired (this Redis was unreachable for a while)
             pipe.set(self.keys.owner, self.owner, px=lease.LEASE_MS)
+
+    def _watch_failed(self, exc: redis.WatchError) -> ReplayUnavailable | NamespaceError:
+        """What a WatchError in a round means. redis-py raises it when the lease
+        key changed, but also when the connection broke or a reply timed out while
+        the key was watched (a partition, a SIGSTOPped Redis): only the lease, read
+        again, tells a takeover from an outage. Nothing was applied to the index
+        either way; if the EXEC did reach Redis, the next round sees its
+        ``next_slot`` and reloads."""
+        with replay_errors(self._where):  # still unreachable: an outage
+            held = self._client.get(self.keys.owner)
+        if held is not None and held != self.owner.encode():
+            return self._taken_over()
+        return ReplayUnavailable(f"{self._where} is unavailable: {exc}")
 
     def _taken_over(self) -> NamespaceError:
         self.lease_lost = True
@@ -520,7 +540,7 @@ class ReplayShard:
             if self._loaded:
                 return
             if self._client is None:
-                self._client = connect(self.url)
+                self._client = connect(self.url, reply_timeout=self.reply_timeout)
             self._load()
 
     def _reset(self, epoch: bytes | None) -> None:

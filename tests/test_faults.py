@@ -110,10 +110,11 @@ def test_run_survives_a_network_partition_and_a_stopped_redis(tmp_path):
     for f in faults:  # the env loops never waited on the hung Redis
         assert f["frames_during"] > 1000, faults
     assert "replay: unavailable" in log
-    # The shard counts an outage when one of its own calls times out (30 s). It
-    # counted both faults in 2 of 3 runs here and one of them (35 s) in the third;
-    # why it missed one is not found yet, so this asks for at least one.
-    assert s["replay_outages"] >= 1 and s["replay_outage_s"] >= 30, s
+    # The shard counts an outage when one of its own calls times out (30 s), from
+    # when that call began. A reply lost while the lease was WATCHed came back as
+    # redis-py's WatchError and went uncounted, with a traceback (CI, 2026-12-07);
+    # `tests/test_lease.py` holds that case since.
+    assert s["replay_outages"] >= 2 and s["replay_outage_s"] >= 60, s
     assert s["updates"] >= faults[-1]["updates_at_fault"] + RECOVERED
     assert s["replay_resets"] == 0 and s["replay_rejected"] == 0 and s["replay_malformed"] == 0, s
     # 2 actors x 4 envs for ~35 s: far below the 64 MB outage buffers, so nothing

@@ -11,6 +11,7 @@ import redis
 from replay_server import lease
 from replay_server.keys import ReplayKeys
 from replay_server.namespace import NamespaceError
+from replay_server.protocol import ReplayUnavailable
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayWriter
@@ -90,3 +91,39 @@ def test_train_refuses_a_replay_in_use(server, tmp_path, capsys):
         assert code == 2, err
         assert "is in use by another run (host otherhost, pid 4242" in err
     assert lease.Owner.decode(client.get(KEYS.owner)).pid == 4242  # untouched
+
+
+def test_a_reply_lost_while_the_lease_is_watched_is_an_outage_not_a_takeover(
+    server, make_pong_actor, pong_frames
+):
+    """redis-py raises WatchError also when a watched connection times out (a
+    partition, a SIGSTOPped Redis): that is an outage, counted as one, and the
+    lease stays ours. CLIENT PAUSE WRITE lets the round's reads through and holds
+    its EXEC past the shard's reply timeout (5 s)."""
+    me = lease.Owner.this_run("/runs/mine")
+    client = redis.Redis.from_url(server.url)
+    lease.acquire(client, KEYS, me, "here")
+    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode(), reply_timeout=5.0)
+    writer = ReplayWriter(server.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
+    fids, frames, batch = actor.push(10)
+    writer.push(fids, frames, batch, 0, 0)
+    assert shard.ingest() > 0
+    size = shard.size
+    fids, frames, batch = actor.push(10)
+    writer.push(fids, frames, batch, 0, 0)
+    redis.Redis.from_url(server.admin_url).execute_command("CLIENT", "PAUSE", "7000", "WRITE")
+    with pytest.raises(ReplayUnavailable):
+        shard.ingest()
+    assert not shard.lease_lost and shard.size == size
+    deadline = time.monotonic() + 20  # the pause ends; the same push is stored once
+    stored = 0
+    while shard.size == size:
+        assert time.monotonic() < deadline
+        try:
+            stored += shard.ingest()
+        except ReplayUnavailable:
+            time.sleep(0.1)
+    assert stored == len(batch) and shard.size == size + len(batch) and not shard.lease_lost
+    assert client.llen(KEYS.incoming) == 0
+    assert client.get(KEYS.owner) == me.encode().encode()
