@@ -163,6 +163,8 @@ class ReplayShard:
         self._loaded = False
         self._ingest_lock = threading.RLock()  # one ingest/load/sweep at a time
         self._chunks: set[int] = set()  # record chunks this Redis holds (preallocated)
+        # a reload whose load has not succeeded yet (see `_reload`): redone until it does
+        self._pending_reload: tuple[dict[str, int], int, int] | None = None
         self.counters = self.index.counters  # the one dict: the index updates it
         self.ingest_errors = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
@@ -542,10 +544,19 @@ class ReplayShard:
             if self._client is None:
                 self._client = connect(self.url, reply_timeout=self.reply_timeout)
             self._load()
+            self._finish_reload()
 
     def _reset(self, epoch: bytes | None) -> None:
         """Redis came back without our data: evict everything, start the namespace
         again (slots and counters go on), refill."""
+        self._evict_lost()
+        self._loaded = False
+        self._ensure_ready()
+
+    def _evict_lost(self) -> None:
+        """Redis no longer holds this replay: drop what the index held, counted
+        (``resets``, ``lost_in_resets``). A reload still pending is moot: the reset
+        counts everything the index held, its lost writes included."""
         log.warning(
             "REPLAY LOST: %s came back without this replay's data (a new volume, a "
             "restart without its AOF, or a FLUSH); dropping the %d transitions the index "
@@ -553,10 +564,9 @@ class ReplayShard:
             self._where,
             self.size,
         )
+        self._pending_reload = None  # its load never happened: the counters are as they were
         self.index.evict_all()
         self._chunks = set()
-        self._loaded = False
-        self._ensure_ready()
 
     def _reload(self, epoch: bytes | None, redis_next: int) -> None:
         """Redis holds other data than the index describes: rebuild from Redis."""
@@ -570,15 +580,32 @@ class ReplayShard:
         else:
             reason = "the namespace was rewritten by someone else"
         log.warning("replay shard: %s; reloading the index from Redis", reason)
-        keep = dict(self.counters)
         lost_writes = epoch == self._epoch and redis_next < ours
+        # What the reload must finish once a load succeeds: an outage inside it
+        # (Redis still LOADING its AOF) leaves it pending, redone by the next
+        # `_ensure_ready`, never half done; a Redis found empty meanwhile makes it
+        # a reset instead (`_load_checked`).
+        self._pending_reload = (dict(self.counters), ours, ours - redis_next if lost_writes else 0)
         self._loaded = False
         self._ensure_ready()
+
+    def _finish_reload(self) -> None:
+        """After a successful load: the counters go on from before the reload, and
+        after lost writes the lost slots stay unused (`_skip_to`) and are counted."""
+        if self._pending_reload is None:
+            return
+        keep, ours, lost = self._pending_reload
+        if lost and self.index.next < ours:
+            try:
+                self._skip_to(ours)
+            except ReplayUnavailable:
+                self._loaded = False  # load again, then skip again
+                raise
         for name in ("inserted_total", "resets", "lost_in_resets", "outages", "outage_ms"):
             self.counters[name] = max(self.counters[name], keep[name])
-        if lost_writes:
-            self.counters["lost"] = max(self.counters["lost"], keep["lost"]) + ours - redis_next
-            self._skip_to(ours)
+        if lost:
+            self.counters["lost"] = max(self.counters["lost"], keep["lost"]) + lost
+        self._pending_reload = None
 
     def _skip_to(self, nxt: int) -> None:
         """Slots stay monotonic after lost writes: the lost slots stay unused
@@ -640,6 +667,8 @@ class ReplayShard:
                 client.hset(k.identity, mapping=self.identity.to_redis())
         meta = _parse_meta(meta_raw, self._where)
         if "capacity" not in meta:
+            if self.size > 0:  # the index held a replay this Redis no longer has
+                self._evict_lost()
             self._init_namespace(epoch)
             return
         if meta["capacity"] != self.capacity:

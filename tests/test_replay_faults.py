@@ -203,6 +203,88 @@ def test_lost_newest_writes_are_detected_and_counted(tmp_path, make_pong_actor, 
         srv.stop()
 
 
+def _ahead_of_its_aof(tmp_path, make_pong_actor, pong_frames):
+    """A shard whose index is ahead of an older copy of its Redis's AOF (kept in
+    ``tmp_path / "older"``), and that Redis killed: the moment a lost-writes reload
+    begins when Redis goes away again inside it."""
+    data = tmp_path / "redis"
+    srv = EmbeddedRedis(str(data))
+    shard = ReplayShard(srv.url, capacity=5_000, identity=IDENTITY, reply_timeout=5.0)
+    writer = ReplayWriter(srv.url)
+    actor = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+    push(writer, actor)
+    shard.ingest()
+    kept, kept_next = shard.size, shard.index.next
+    srv.stop()
+    shutil.copytree(data, tmp_path / "older")
+    srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+    for _ in range(3):
+        push(writer, actor)
+        shard.ingest()
+    assert shard.size > kept
+    srv.kill()
+    return srv, shard, writer, actor, kept, kept_next
+
+
+def test_a_lost_writes_reload_cut_short_by_an_outage_is_finished_later(
+    tmp_path, make_pong_actor, pong_frames
+):
+    """The shard found Redis's log shorter than its index and began to reload, and
+    Redis went away inside the reload (it was still LOADING, or died again): the
+    reload is finished by the next round that reaches Redis: the lost writes are
+    counted once and their slots stay unused."""
+    srv, shard, writer, actor, kept, kept_next = _ahead_of_its_aof(
+        tmp_path, make_pong_actor, pong_frames
+    )
+    try:
+        ahead, next_slot = shard.size, shard.index.next
+        with pytest.raises(ReplayUnavailable):
+            shard._reload(shard._epoch, kept_next)  # what ingest does on the shorter log
+        data = tmp_path / "redis"
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "older", data)
+        srv = EmbeddedRedis(str(data), port=srv.port, password=srv.password)
+        assert shard.ingest() == 0  # loads, finishes the reload
+        st = shard.stats()
+        assert st.size == kept and st.lost == ahead - kept and st.resets == 0
+        assert shard.index.next == next_slot  # the lost slots stay unused
+        push(writer, actor)
+        stored = shard.ingest()
+        assert stored > 0 and shard.index.next == next_slot + stored
+        assert shard.stats().lost == ahead - kept  # counted once
+    finally:
+        srv.stop()
+
+
+def test_a_redis_found_empty_while_a_reload_is_pending_is_a_counted_reset(
+    tmp_path, make_pong_actor, pong_frames
+):
+    """The same cut-short reload, then Redis back *empty*: a reset that drops and
+    counts everything the index held (no index left pointing at records Redis no
+    longer has), and the replay refills."""
+    srv, shard, writer, actor, kept, kept_next = _ahead_of_its_aof(
+        tmp_path, make_pong_actor, pong_frames
+    )
+    try:
+        ahead = shard.size
+        with pytest.raises(ReplayUnavailable):
+            shard._reload(shard._epoch, kept_next)
+        shutil.rmtree(tmp_path / "redis")
+        srv = EmbeddedRedis(str(tmp_path / "redis"), port=srv.port, password=srv.password)
+        shard.ingest()
+        st = shard.stats()
+        assert st.resets == 1 and st.lost_in_resets == ahead and st.size == 0, st
+        assert redis.Redis.from_url(srv.admin_url).hget(KEYS.meta, "resets") == b"1"
+        with pytest.raises(ReplayReset):  # the writer's old ids are void: it registers again
+            push(writer, actor)
+        fresh = make_pong_actor(writer.incarnation, num_envs=4, frame_pool=pong_frames)
+        push(writer, fresh)
+        assert shard.ingest() > 0  # refilling, from the slots after the old ones
+        assert shard.stats().dangling == 0 and shard.stats().lost == 0
+    finally:
+        srv.stop()
+
+
 def test_a_registration_lost_with_the_newest_writes_never_reuses_frame_ids(
     tmp_path, make_pong_actor, pong_frames
 ):
