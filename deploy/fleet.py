@@ -212,7 +212,8 @@ class FleetStats:
         counted in ``transitions_dropped`` instead, the actors being gone)
     episodes: (raw return, length) finished since the previous poll
     episodes_total, epsilon_min, epsilon_max, actor_weight_versions,
-    actor_restarts, replay_resets (writers that registered again)
+    actor_restarts, writer_resets (times a writer registered again: its Redis lost
+        the replay's data or handed its incarnation out twice)
     """
 
     frames: int = 0

@@ -172,5 +172,6 @@ def fault_counts(
         "replay_malformed": delta("malformed"),
         "shard_restarts": shard_restarts,
         "actor_restarts": fleet.actor_restarts if fleet else 0,
+        "writer_reregistrations": fleet.writer_resets if fleet else 0,
         "redis_restarts": redis_restarts,
     }

@@ -24,7 +24,7 @@ def test_pushes_in_flight_are_not_lost_while_the_run_goes_on():
 
 
 def test_after_the_drain_acknowledged_pushes_no_shard_received_are_lost_by_redis():
-    fleet = FleetStats(transitions_pushed=10_400, transitions_dropped=32)
+    fleet = FleetStats(transitions_pushed=10_400, transitions_dropped=32, writer_resets=3)
     # shard 1's Redis lost 300 stored transitions and a push of 400 still in its incoming list
     shards = [ShardStats(received=6_000), ShardStats(received=4_100, lost=300, outages=1)]
     base = [ShardStats(), ShardStats(received=100)]  # it had received 100 before the run
@@ -34,6 +34,7 @@ def test_after_the_drain_acknowledged_pushes_no_shard_received_are_lost_by_redis
     assert end["transitions_lost"] == 32 + 300 + 400
     assert end["replay_outages"] == 1
     assert (end["shard_restarts"], end["redis_restarts"]) == (1, 2)
+    assert end["writer_reregistrations"] == 3
 
 
 def test_a_shard_without_a_baseline_is_not_reconciled():
