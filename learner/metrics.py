@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from typing import Any
 
@@ -86,6 +87,29 @@ COUNTERS: frozenset[str] = frozenset(
 )
 
 
+def _quiet_tensorboard_thread_oserrors() -> None:
+    """TensorBoard writes its event file in a thread of its own, which dies of an
+    OSError (a full disk) with a raw traceback on stderr. TensorBoard raises the
+    same error again in the caller's next write, where `Metrics` says it in one
+    line and goes on; so that thread's OSError is not printed. Other exceptions,
+    and every other thread's, reach the hook that was installed before."""
+    before = threading.excepthook
+    if getattr(before, "apex_quiet_tensorboard", False):
+        return
+
+    def hook(args: Any) -> None:
+        if (
+            args.exc_type is not None
+            and issubclass(args.exc_type, OSError)
+            and type(args.thread).__module__.startswith("tensorboard.")
+        ):
+            return
+        before(args)
+
+    hook.apex_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 def prometheus_name(name: str) -> str:
     """The name Ray registers for `name` (Prometheus shows it with Ray's ``ray_``
     prefix): ``env_frames`` -> ``apex_env_frames_total``, ``publish_latency_s`` ->
@@ -139,6 +163,8 @@ class Metrics:
         if not self.logdir:
             return
         from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_tensorboard_thread_oserrors()
 
         try:
             self._writer = SummaryWriter(log_dir=self.logdir, flush_secs=10)

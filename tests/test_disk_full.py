@@ -15,11 +15,11 @@ import time
 
 import pytest
 
+from bench.disks import fill_disk
 from learner.checkpoint import load_checkpoint
 from learner.learner import Learner
 from learner.loop import TrainLoop
 from learner.metrics import Metrics
-from tests.conftest import fill_disk
 from tests.test_learner_loop import Harness, catch_transitions, make_cfg  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,9 @@ def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# TensorBoard's own writer thread dies of the ENOSPC (what Metrics must survive)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+# TensorBoard's own writer thread dies of the ENOSPC (what Metrics must survive),
+# and Metrics keeps its traceback off stderr (it says so in one line)
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_full_disk_stops_checkpoints_not_training(small_disk, catch_transitions):  # noqa: F811
     cfg = make_cfg(small_disk, max_seconds=0)
     cfg.learner.network = "small"  # ~21 MB a checkpoint: three fit in 128 MB
