@@ -7,13 +7,16 @@ weight store (``apex-weights``; Ray restarts them); then, against a test-owned
 "external" redis-server: a second run started on the live replay (refused), kill -9
 and a restart 10 s later (``--outage-s``), ``OOM`` (``CONFIG SET maxmemory 1``) for
 5 s, ``READONLY`` for 5 s (``REPLICAOF`` a dead master), its newest writes lost
-(killed, its AOF cut back ~10 s mid-record, restarted), and a restart *empty* (its
-data directory deleted); then, against an external redis-server the run
-reaches only through a TCP proxy: a partition that drops every packet for 120 s
-(``--partition-s``) and a SIGSTOP of redis-server for 60 s (``--sigstop-s``), with
-the env frames the actors made meanwhile (``frames_during``); last, kill -9 of
-``apex-dqn train`` itself and ``--resume`` to the end (`driver_kill_run`). Prints
-ONE JSON object:
+(killed, its AOF cut back ~10 s mid-record, restarted; an actor killed inside those
+10 s, so that its restarted writer's registration is among the writes lost), and a
+restart *empty* (its data directory deleted); then, against an external
+redis-server the run reaches only through a TCP proxy: a partition that drops
+every packet for 120 s (``--partition-s``) and a SIGSTOP of redis-server for 60 s
+(``--sigstop-s``), with the env frames the actors made meanwhile
+(``frames_during``); then full disks (root only: two tmpfs): the logdir's
+(checkpoints fail, training goes on) and the external Redis's (``MISCONF``: an
+outage); last, kill -9 of ``apex-dqn train`` itself and ``--resume`` to the end
+(`driver_kill_run`). Prints ONE JSON object:
 
 * per fault: ``fault_s`` = how long the injected fault lasted (0 for a kill:
   what follows is the system's own recovery; 10 s down unless ``--outage-s``, 5 s of OOM), and
@@ -30,7 +33,8 @@ Baseline: the same run's updates/s once learning ran and before the first
 fault (``updates_per_s_before``) against the last 20 s, after the last recovery
 (``updates_per_s_after``): a fault must not leave the run slower.
 
-    python bench/faults.py            # the four runs, ~14 minutes on 2 cores
+    python bench/faults.py            # the five runs, ~17 minutes on 2 cores
+    python bench/faults.py --only disk      # logdir's and Redis's disks full (root)
     python bench/faults.py --only embedded
     python bench/faults.py --only network   # partition 120 s, SIGSTOP 60 s
     python bench/faults.py --only driver    # kill -9 of the driver, then --resume
@@ -62,7 +66,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from replay_server.keys import ReplayKeys  # noqa: E402
 from replay_server.redis_proc import EmbeddedRedis  # noqa: E402
+
+KEYS = ReplayKeys()  # the run's namespace (the default, ``apex``)
 
 # Small and fast: learning starts within seconds, progress every second.
 SMALL = [
@@ -287,7 +294,9 @@ def external_run(
     down for ``outage_s``; OOM for 5 s; READONLY for 5 s (the server made a
     replica of a master that never answers); its newest writes lost (redis-server
     killed and its AOF cut back ~10 s, mid-record: Redis loads a truncated AOF,
-    ``aof-load-truncated``); back empty."""
+    ``aof-load-truncated``; an actor is killed inside those 10 s, so the writer
+    its restart registers holds an incarnation that Redis then forgets); back
+    empty."""
     import redis
 
     data = tmp / "external-redis"
@@ -344,13 +353,24 @@ def external_run(
     cut: dict[str, int] = {}
 
     def lose_newest_writes() -> None:
+        admin = redis.Redis.from_url(state["server"].admin_url)
         aof = _incr_aof(data)
         size = aof.stat().st_size
-        time.sleep(10)  # the writes to lose
-        if _incr_aof(data) != aof:  # rewritten meanwhile: start over on the new file
-            aof = _incr_aof(data)
-            size = aof.stat().st_size
-            time.sleep(10)
+        t0 = time.monotonic()
+        # a writer registers inside the window: an actor killed now is restarted
+        # and its new writer takes the next incarnation, which Redis then loses
+        before = int(admin.get(KEYS.incarnation) or 0)
+        cut["actor_pid"] = run.kill9("ray::ApexActor")
+        run.wait_for(
+            lambda: int(admin.get(KEYS.incarnation) or 0) > before,
+            60,
+            "the restarted actor's writer to register",
+        )
+        cut["incarnation_lost"] = int(admin.get(KEYS.incarnation))
+        admin.close()
+        time.sleep(max(2.0, 10 - (time.monotonic() - t0)))  # its pushes, among those lost
+        if _incr_aof(data) != aof:
+            raise RuntimeError("Redis rewrote its AOF inside the window; run the fault again")
         state["server"].kill()
         t = time.monotonic()
         cut["bytes"] = aof.stat().st_size - size - 7
@@ -380,6 +400,7 @@ def external_run(
         inject(run, "redis-server back empty (data lost)", back_empty, timeout=180),
     ]
     faults[4]["aof_bytes_lost"] = cut.get("bytes")
+    faults[4]["incarnation_lost"] = cut.get("incarnation_lost")
     return run, faults, t_first, state["server"]
 
 
@@ -442,6 +463,55 @@ def network_run(
     faults[0]["frames_during"] = during["partition"]
     faults[1]["frames_during"] = during["sigstop"]
     return run, faults, t_first, server, proxy
+
+
+def disk_run(
+    tmp: Path, log_disk: Path, redis_disk: Path, seconds: float = 100.0, full_s: float = 10.0
+) -> tuple[TrainingRun, list[dict], float, EmbeddedRedis]:
+    """Full disks under a run: its logdir (checkpoints every 6 s, TensorBoard) on
+    ``log_disk`` and its external Redis's data dir (the AOF) on ``redis_disk``, two
+    small filesystems of their own (`bench.disks.mount_tmpfs`), each filled with a
+    file until ENOSPC and freed again. The logdir's: checkpoints are not written
+    (``checkpoint not written``) while training goes on; Redis's: Redis refuses
+    writes (``MISCONF``), an outage, for ``full_s``."""
+    from bench.disks import fill_disk
+
+    server = EmbeddedRedis(str(redis_disk / "redis"))
+    run = TrainingRun(
+        [*SMALL, "--max-seconds", str(seconds), "--checkpoint-minutes", "0.1"],
+        log_disk / "run",
+        env={"APEX_REDIS_URL": server.url},
+    )
+    run.wait_updates(20, 120, "learning to start")
+    t_first = time.monotonic()
+    seen: dict[str, int] = {}
+
+    def logdir_full() -> None:
+        filler = fill_disk(log_disk)
+        t = time.monotonic()
+        try:
+            run.wait_line(r"checkpoint not written", 60, after=t)
+            at = run.updates
+            run.wait_updates(at + 20, 60, "training to go on with its logdir's disk full")
+            seen["updates_while_full"] = run.updates - at
+        finally:
+            filler.unlink()
+
+    def redis_disk_full() -> None:
+        filler = fill_disk(redis_disk)
+        t = time.monotonic()
+        try:
+            run.wait_line(r"replay: unavailable", 60, after=t)
+            time.sleep(max(0.0, full_s - (time.monotonic() - t)))  # Redis refuses meanwhile
+        finally:
+            filler.unlink()
+
+    faults = [
+        inject(run, "the logdir's disk full", logdir_full),
+        inject(run, f"Redis's disk full for {full_s:g} s (MISCONF)", redis_disk_full),
+    ]
+    faults[0]["updates_while_full"] = seen.get("updates_while_full")
+    return run, faults, t_first, server
 
 
 def driver_kill_run(
@@ -528,7 +598,7 @@ def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, sum
         "replay_inserted", "transitions_lost", "transitions_dropped_by_actors",
         "transitions_lost_by_redis", "replay_resets", "transitions_lost_in_resets",
         "replay_outages", "replay_outage_s", "orphan_frames_collected", "shard_restarts",
-        "actor_restarts", "redis_restarts", "updates", "frames",
+        "actor_restarts", "redis_restarts", "writer_reregistrations", "updates", "frames",
     )  # fmt: skip
     t_last = max(t for t, _ in run.lines)
     return {
@@ -544,8 +614,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--only",
-        choices=("embedded", "external", "network", "driver"),
-        help="one of the four runs",
+        choices=("embedded", "external", "network", "disk", "driver"),
+        help="one of the five runs (disk: root only, it mounts two tmpfs)",
     )
     ap.add_argument(
         "--partition-s", type=float, default=120.0, help="network run: partition length"
@@ -595,6 +665,29 @@ def main() -> None:
                 proxy.close()
                 server.stop()
             out["network"] = _report(run, faults, t0, code, summary)
+        if args.only in (None, "disk"):
+            from bench.disks import mount_tmpfs, unmount
+
+            disks = [tmp / "log-disk", tmp / "redis-disk"]
+            try:
+                why = mount_tmpfs(disks[0], "256m") or mount_tmpfs(disks[1], "512m")
+                if why is not None:
+                    print(
+                        f"faults: disk run skipped: cannot mount a tmpfs ({why})", file=sys.stderr
+                    )
+                    out["disk"] = {"skipped": f"cannot mount a tmpfs: {why}"}
+                else:
+                    run, faults, t0, server = disk_run(tmp, *disks)
+                    try:
+                        code, summary = run.finish(300)
+                    finally:
+                        run.stop()
+                        server.stop()
+                    out["disk"] = _report(run, faults, t0, code, summary)
+                    out["disk"]["checkpoint_failures"] = summary.get("checkpoint_failures")
+            finally:
+                for d in disks:
+                    unmount(d)
         if args.only in (None, "driver"):
             first, second, info = driver_kill_run(tmp)
             try:

@@ -12,20 +12,20 @@
 * ``tmpfs`` (function): ``tmpfs(size)`` mounts a real tmpfs of that size (``"16m"``)
   under the test's tmp dir and returns it; unmounted after the test; the test is
   skipped, saying why, where no tmpfs can be mounted (not root).
-* ``fill_disk(disk)``: writes a filler file until ENOSPC and returns it.
+* ``bench.disks.fill_disk(disk)`` (for the tests that fill a ``tmpfs``): writes a
+  filler file until ENOSPC and returns it.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
+from bench.disks import mount_tmpfs, unmount
 from bench.synthetic import SyntheticActor
 from bench.synthetic import pong_frames as _pong_frames
 from replay_server.redis_proc import EmbeddedRedis
@@ -88,33 +88,12 @@ def tmpfs(tmp_path):
 
     def mount(size: str) -> Path:
         mnt = tmp_path / f"disk{len(mounted)}"
-        mnt.mkdir()
-        res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+        why = mount_tmpfs(mnt, size)
+        if why is not None:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {why}")
         mounted.append(mnt)
         return mnt
 
     yield mount
     for mnt in mounted:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill_disk(disk: Path) -> Path:
-    """Write a filler file until the disk is full (ENOSPC); returns it."""
-    filler = disk / "filler"
-    chunk = b"\0" * 65536
-    with open(filler, "wb", buffering=0) as fh:  # unbuffered: nothing left to flush at close
-        try:
-            while True:
-                fh.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    with pytest.raises(OSError):  # really full: not even a small file fits
-        (disk / "probe").write_bytes(b"x" * 65536)
-    (disk / "probe").unlink(missing_ok=True)
-    return filler
+        unmount(mnt)

@@ -16,13 +16,13 @@ import time
 import pytest
 import redis
 
+from bench.disks import fill_disk
 from replay_server.keys import ReplayKeys
 from replay_server.namespace import ReplayIdentity
 from replay_server.protocol import ReplayUnavailable
 from replay_server.redis_proc import EmbeddedRedis
 from replay_server.shard import ReplayShard
 from replay_server.writer import ReplayWriter
-from tests.conftest import fill_disk
 
 KEYS = ReplayKeys()
 IDENTITY = ReplayIdentity("ALE/Pong-v5", 6, "lz4", 3, 0.99)
