@@ -17,6 +17,8 @@ which holds the learner and the loaders' parent), of the actors
 (``ray::ApexActor``) and of the replay shard (``ray::ReplayShard``). It prints
 ONE JSON object: each figure at the start (replay full) and at the end, the
 ratio end/start, ``flat`` (every ratio within ``--tolerance``, default 10%),
+``growth_per_hour`` (each figure's least-squares trend over all samples, as a
+fraction of its mean per hour: what tells a leak from sample-to-sample noise),
 the samples, the restarts, and the run's own fault counters (outages, what was
 lost).
 """
@@ -70,6 +72,24 @@ def sample(run: TrainingRun, server: EmbeddedRedis) -> dict[str, Any]:
         "actors_rss": _rss(run.descendants("ray::ApexActor")),
         "shard_rss": _rss(run.descendants("ray::ReplayShard")),
     }
+
+
+def growth_per_hour(samples: list[dict[str, Any]], key: str) -> float | None:
+    """The least-squares slope of ``key`` over the samples, as a fraction of its
+    mean per hour: a leak is a steady slope, while RSS also jumps by a few percent
+    from one sample to the next (allocator arenas), which the two end points alone
+    cannot tell from growth."""
+    pts = [(s["t"], s[key]) for s in samples if s[key] is not None]
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mt = sum(t for t, _ in pts) / n
+    mv = sum(v for _, v in pts) / n
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    if var == 0 or mv == 0:
+        return None
+    slope = sum((t - mt) * (v - mv) for t, v in pts) / var
+    return round(slope * 3600 / mv, 4)
 
 
 def settings(capacity: int, seconds: float) -> list[str]:
@@ -153,6 +173,7 @@ def main() -> None:
         "start": {k: first[k] for k in keys},
         "end": {k: last[k] for k in keys},
         "end_over_start": ratios,
+        "growth_per_hour": {k: growth_per_hour(samples, k) for k in keys},
         "flat": all(abs(r - 1.0) <= args.tolerance for r in ratios.values()),
         "tolerance": args.tolerance,
         "redis_restarts_at_s": restarts,
