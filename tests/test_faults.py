@@ -8,7 +8,7 @@ updates more than at the fault, so at least one batch was sampled after it), and
 each run must end by itself (``--max-seconds``) with exit status 0 and a summary
 whose counters match what was injected.
 
-About 8 minutes on 2 cores in all (marker ``e2e``: in the default suite, not in the
+About 12 minutes on 2 cores in all (marker ``e2e``: in the default suite, not in the
 fast tier).
 """
 
@@ -143,7 +143,7 @@ def test_run_survives_full_disks_under_its_logdir_and_its_redis(tmp_path, tmpfs)
     from learner.checkpoint import load_checkpoint
 
     log_disk, redis_disk = tmpfs("256m"), tmpfs("512m")
-    run, faults, _, server = disk_run(tmp_path, log_disk, redis_disk, seconds=90)
+    run, faults, _, server = disk_run(tmp_path, log_disk, redis_disk, seconds=75)
     try:
         code, s = run.finish(timeout=300)
     finally:
