@@ -542,7 +542,9 @@ class ReplayShard:
             if self._loaded:
                 return
             if self._client is None:
-                self._client = connect(self.url, reply_timeout=self.reply_timeout)
+                self._client = connect(
+                    self.url, timeout=min(5.0, self.reply_timeout), reply_timeout=self.reply_timeout
+                )
             self._load()
             self._finish_reload()
 

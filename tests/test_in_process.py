@@ -24,6 +24,7 @@ def ray_processes() -> list[str]:
     return [ln for ln in out.splitlines() if "raylet" in ln or "gcs_server" in ln]
 
 
+@pytest.mark.e2e  # a whole CLI run, ~25 s: out of the fast tier's 5 minutes
 def test_a_step_bound_run_without_ray(tmp_path):
     """100 updates: weights go from the learner to the actor and transitions from
     the actor through Redis to the learner, all in one process (no Ray started)."""

@@ -99,11 +99,11 @@ def test_a_reply_lost_while_the_lease_is_watched_is_an_outage_not_a_takeover(
     """redis-py raises WatchError also when a watched connection times out (a
     partition, a SIGSTOPped Redis): that is an outage, counted as one, and the
     lease stays ours. CLIENT PAUSE WRITE lets the round's reads through and holds
-    its EXEC past the shard's reply timeout (5 s)."""
+    its EXEC past the shard's reply timeout (1 s)."""
     me = lease.Owner.this_run("/runs/mine")
     client = redis.Redis.from_url(server.url)
     lease.acquire(client, KEYS, me, "here")
-    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode(), reply_timeout=5.0)
+    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode(), reply_timeout=1.0)
     writer = ReplayWriter(server.url)
     actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
     fids, frames, batch = actor.push(10)
@@ -112,7 +112,7 @@ def test_a_reply_lost_while_the_lease_is_watched_is_an_outage_not_a_takeover(
     size = shard.size
     fids, frames, batch = actor.push(10)
     writer.push(fids, frames, batch, 0, 0)
-    redis.Redis.from_url(server.admin_url).execute_command("CLIENT", "PAUSE", "7000", "WRITE")
+    redis.Redis.from_url(server.admin_url).execute_command("CLIENT", "PAUSE", "2500", "WRITE")
     with pytest.raises(ReplayUnavailable):
         shard.ingest()
     assert not shard.lease_lost and shard.size == size
