@@ -109,7 +109,7 @@ def test_run_survives_a_network_partition_and_a_stopped_redis(tmp_path):
     (``bench/faults.py --only network`` runs 120 s and 60 s)."""
     from bench.faults import network_run
 
-    run, faults, _, server, proxy = network_run(tmp_path, seconds=150, partition_s=35, stop_s=35)
+    run, faults, _, server, proxy = network_run(tmp_path, seconds=130, partition_s=35, stop_s=35)
     try:
         code, s = run.finish(timeout=300)
     finally:
