@@ -598,7 +598,8 @@ def _report(run: TrainingRun, faults: list[dict], t_first: float, code: int, sum
         "replay_inserted", "transitions_lost", "transitions_dropped_by_actors",
         "transitions_lost_by_redis", "replay_resets", "transitions_lost_in_resets",
         "replay_outages", "replay_outage_s", "orphan_frames_collected", "shard_restarts",
-        "actor_restarts", "redis_restarts", "writer_reregistrations", "updates", "frames",
+        "actor_restarts", "redis_restarts", "writer_reregistrations", "checkpoint_failures",
+        "updates", "frames",
     )  # fmt: skip
     t_last = max(t for t, _ in run.lines)
     return {
@@ -684,7 +685,6 @@ def main() -> None:
                         run.stop()
                         server.stop()
                     out["disk"] = _report(run, faults, t0, code, summary)
-                    out["disk"]["checkpoint_failures"] = summary.get("checkpoint_failures")
             finally:
                 for d in disks:
                     unmount(d)

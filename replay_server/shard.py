@@ -119,6 +119,8 @@ class ReplayShard:
     owner:         the run's lease value (`replay_server.lease.Owner.encode`): the
                    heartbeat refreshes the lease, an ingest commits only while the
                    lease is this value, `stop` gives it back. None: no lease (tests)
+    reply_timeout: seconds a Redis call waits for its reply before it is an outage
+                   (a hung or partitioned Redis); the connect timeout is at most 5 s
 
     Thread-safe: ingest, sample, update_priorities and stats may run concurrently.
     Raises `NamespaceError` (construction or reload) when the namespace holds

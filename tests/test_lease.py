@@ -55,16 +55,22 @@ def test_a_run_on_the_same_logdir_takes_the_lease_over(server):
     assert client.get(KEYS.owner) == me.encode().encode()
 
 
-def test_a_shard_that_lost_its_lease_stores_nothing(server, make_pong_actor, pong_frames):
+def leased_run(server, make_pong_actor, pong_frames, **shard_kw):
+    """This run holds the lease; its shard has ingested one push of its actor."""
     me = lease.Owner.this_run("/runs/mine")
     client = redis.Redis.from_url(server.url)
     lease.acquire(client, KEYS, me, "here")
-    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode())
+    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode(), **shard_kw)
     writer = ReplayWriter(server.url)
     actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
     fids, frames, batch = actor.push(10)
     writer.push(fids, frames, batch, 0, 0)
     assert shard.ingest() > 0
+    return me, client, shard, writer, actor
+
+
+def test_a_shard_that_lost_its_lease_stores_nothing(server, make_pong_actor, pong_frames):
+    me, client, shard, writer, actor = leased_run(server, make_pong_actor, pong_frames)
     size = shard.size
     # our lease ran out (this Redis was unreachable) and another run took it
     client.set(KEYS.owner, other_run().encode(), px=60_000)
@@ -100,15 +106,9 @@ def test_a_reply_lost_while_the_lease_is_watched_is_an_outage_not_a_takeover(
     partition, a SIGSTOPped Redis): that is an outage, counted as one, and the
     lease stays ours. CLIENT PAUSE WRITE lets the round's reads through and holds
     its EXEC past the shard's reply timeout (1 s)."""
-    me = lease.Owner.this_run("/runs/mine")
-    client = redis.Redis.from_url(server.url)
-    lease.acquire(client, KEYS, me, "here")
-    shard = ReplayShard(server.url, capacity=5_000, owner=me.encode(), reply_timeout=1.0)
-    writer = ReplayWriter(server.url)
-    actor = make_pong_actor(writer.incarnation, num_envs=2, frame_pool=pong_frames)
-    fids, frames, batch = actor.push(10)
-    writer.push(fids, frames, batch, 0, 0)
-    assert shard.ingest() > 0
+    me, client, shard, writer, actor = leased_run(
+        server, make_pong_actor, pong_frames, reply_timeout=1.0
+    )
     size = shard.size
     fids, frames, batch = actor.push(10)
     writer.push(fids, frames, batch, 0, 0)
