@@ -357,6 +357,7 @@ def external_run(
         aof = _incr_aof(data)
         size = aof.stat().st_size
         t0 = time.monotonic()
+        next_slot = int(admin.hget(KEYS.meta, "next_slot") or 0)
         # a writer registers inside the window: an actor killed now is restarted
         # and its new writer takes the next incarnation, which Redis then loses
         before = int(admin.get(KEYS.incarnation) or 0)
@@ -367,6 +368,15 @@ def external_run(
             "the restarted actor's writer to register",
         )
         cut["incarnation_lost"] = int(admin.get(KEYS.incarnation))
+        # the shard must store something inside the window, or nothing of the replay
+        # is lost (the writers may still be backing off after READONLY, or waiting
+        # on the insert budget of a slow learner): wait for its next slot to move
+        run.wait_for(
+            lambda: int(admin.hget(KEYS.meta, "next_slot") or 0) > next_slot,
+            60,
+            "the shard to store transitions inside the lost window",
+        )
+        cut["slots_written"] = int(admin.hget(KEYS.meta, "next_slot")) - next_slot
         admin.close()
         time.sleep(max(2.0, 10 - (time.monotonic() - t0)))  # its pushes, among those lost
         if _incr_aof(data) != aof:
@@ -379,7 +389,8 @@ def external_run(
         state["server"].restart()
         # the restart takes ~0.1 s, the learner goes on from prefetched batches:
         # wait for the shard to find the loss before the next fault can mask it
-        run.wait_line(r"Redis lost its newest writes", 60, after=t)
+        # (the shard's line: a writer says the same words of its incarnation)
+        run.wait_line(r"replay shard: Redis lost its newest writes", 60, after=t)
 
     def back_empty() -> None:
         old = state["server"]
@@ -401,6 +412,7 @@ def external_run(
     ]
     faults[4]["aof_bytes_lost"] = cut.get("bytes")
     faults[4]["incarnation_lost"] = cut.get("incarnation_lost")
+    faults[4]["slots_written_in_window"] = cut.get("slots_written")
     return run, faults, t_first, state["server"]
 
 
