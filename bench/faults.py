@@ -295,8 +295,9 @@ def external_run(
     replica of a master that never answers); its newest writes lost (redis-server
     killed and its AOF cut back ~10 s, mid-record: Redis loads a truncated AOF,
     ``aof-load-truncated``; an actor is killed inside those 10 s, so the writer
-    its restart registers holds an incarnation that Redis then forgets); back
-    empty."""
+    its restart registers holds an incarnation that Redis then forgets; the cut
+    waits, up to 60 s more, until the shard has stored transitions in the window,
+    so that some of the replay is lost); back empty."""
     import redis
 
     data = tmp / "external-redis"
