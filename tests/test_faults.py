@@ -63,9 +63,10 @@ def test_run_survives_an_external_redis_down_full_readonly_losing_writes_and_bac
     run started on the live replay is refused (exit 2, naming this run's logdir);
     down 10 s; OOM 5 s; READONLY 5 s; its newest writes lost (AOF cut back ~10 s,
     mid-record, once the shard has stored transitions in that window), with an
-    actor killed inside it so that its restarted writer's registration is lost too: the shard finds its index ahead of Redis,
-    reloads and counts the lost transitions, and the writers go on; back empty: a
-    reset, counted, and every writer registers again."""
+    actor killed inside it so that its restarted writer's registration is lost
+    too: the shard finds its index ahead of Redis, reloads and counts the lost
+    transitions, and the writers go on; back empty: a reset, counted, and every
+    writer registers again."""
     run, faults, _, server = external_run(tmp_path, seconds=110)
     try:
         code, s = run.finish(timeout=300)
